@@ -1,0 +1,62 @@
+"""Helpers shared by the benchmarks: the model under test, GSM8K prompts, timing, a machine line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def gsm8k_prompts(directory: Path, n: int, shots: int) -> list[str]:
+    """``n`` test questions, each after ``shots`` worked train examples (lm-eval's gsm8k format)."""
+    def rows(name: str) -> list[dict]:
+        path = directory / f"{name}.jsonl"
+        if not path.exists():
+            raise SystemExit(f"GSM8K file not found: {path} (pass --gsm8k DIR holding train.jsonl and test.jsonl)")
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    examples = rows("train")[:shots]
+    prefix = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
+    return [f"{prefix}Question: {q['question']}\nAnswer:" for q in rows("test")[:n]]
+
+
+def load_mtp_model(model: str | None, dtype: str):
+    """The model under test with a mask token (added in memory if the checkpoint has none)."""
+    from mtp_plugins import add_mask_tokens, load_checkpoint
+    from mtp_plugins.smollm2 import prepare_smollm2
+
+    path = model or str(prepare_smollm2())
+    model_obj, tokenizer, spec = load_checkpoint(path, dtype=DTYPES[dtype])
+    if spec is None:
+        add_mask_tokens(model_obj, tokenizer)
+    tokenizer.padding_side = "left"
+    return model_obj, tokenizer, path
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median wall seconds over ``repeats`` calls, and the last call's result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), python {platform.python_version()}"
+    )
