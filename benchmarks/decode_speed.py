@@ -1,5 +1,10 @@
 """Decode speed, side by side in one run: HF ``generate`` (greedy) vs the engine's ``ar``, ``static``
-k=4 and ``confadapt`` tau 0.9, at batch 1 and 8, on GSM8K test prompts.
+k=4 and ``confadapt`` tau 0.9, at batch 1 and 8, on GSM8K test prompts, in two scenarios:
+
+- ``stop``: as lm-eval runs it: each row stops at EOS or at the stop string "Question:"
+  (SmolLM2-Instruct answers in a few dozen tokens, so the prompt's prefill weighs heavily);
+- ``fixed``: EOS and stop strings ignored, every row decodes exactly ``--max-new-tokens`` tokens,
+  which measures decoding throughput.
 
 Default model: SmolLM2-135M-Instruct in bf16 with a mask token added in memory (an UNTRAINED MTP
 model: confadapt mostly emits 1 token per pass, as expected before training). Also measures the cost
@@ -22,26 +27,35 @@ import torch
 from common import SHARED_GSM8K, gsm8k_prompts, load_mtp_model, machine_line
 
 import mtp_plugins
+from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.engine import _new_cache
 
 STOP = ["Question:"]
 
 
 def engine_method(strategy: str, k: int, tau: float = 0.9):
-    def run(model, tokenizer, enc, max_new):
+    def run(model, tokenizer, enc, max_new, fixed):
+        stops = {"eos_token_id": [], "stop_strings": None} if fixed else {"stop_strings": STOP}
         out = mtp_plugins.generate(
             model, enc.input_ids, enc.attention_mask, strategy=strategy, k=k, tau=tau,
-            max_new_tokens=max_new, stop_strings=STOP, tokenizer=tokenizer,
+            max_new_tokens=max_new, tokenizer=tokenizer, **stops,
         )
         return out.sequences, out.stats
     return run
 
 
-def hf_generate(model, tokenizer, enc, max_new):
-    sequences = model.generate(
-        **enc, do_sample=False, max_new_tokens=max_new, stop_strings=STOP, tokenizer=tokenizer,
-        pad_token_id=model.generation_config.pad_token_id,
-    )
+def hf_generate(model, tokenizer, enc, max_new, fixed):
+    config = model.generation_config
+    eos = config.eos_token_id
+    if fixed:  # HF reads "no EOS" from the generation config only
+        config.eos_token_id = None
+    try:
+        sequences = model.generate(
+            **enc, do_sample=False, max_new_tokens=max_new, pad_token_id=config.pad_token_id,
+            **({} if fixed else {"stop_strings": STOP, "tokenizer": tokenizer}),
+        )
+    finally:
+        config.eos_token_id = eos
     return sequences, None
 
 
@@ -53,13 +67,13 @@ METHODS = {
 }
 
 
-def run_batches(method, model, tokenizer, batches, max_new):
+def run_batches(method, model, tokenizer, batches, max_new, fixed):
     start = time.perf_counter()
-    results = [method(model, tokenizer, enc, max_new) for enc in batches]
+    results = [method(model, tokenizer, enc, max_new, fixed) for enc in batches]
     return time.perf_counter() - start, results
 
 
-def measure(model, tokenizer, prompts, batch_size, max_new, repeats):
+def measure(model, tokenizer, prompts, batch_size, max_new, repeats, fixed):
     batches = [
         tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
         for i in range(0, len(prompts), batch_size)
@@ -68,7 +82,7 @@ def measure(model, tokenizer, prompts, batch_size, max_new, repeats):
     outputs = {}
     for _ in range(repeats):  # methods interleaved, so that drift of the machine hits all alike
         for name, method in METHODS.items():
-            seconds, outputs[name] = run_batches(method, model, tokenizer, batches, max_new)
+            seconds, outputs[name] = run_batches(method, model, tokenizer, batches, max_new, fixed)
             times[name].append(seconds)
     ar_outputs = outputs["engine ar"]
     rows = []
@@ -105,7 +119,7 @@ def pass_costs(model, enc, widths, passes):
     spec = mtp_plugins.read_mtp_spec(model)
     batch = enc.input_ids.shape[0]
     state = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_attention(model):  # as the engine runs it
         for w in widths:
             cache = _new_cache(model)
             model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
@@ -130,6 +144,44 @@ def pass_costs(model, enc, widths, passes):
     return {w: statistics.median(t) for w, t in times.items()}
 
 
+def scenario_section(model, tokenizer, prompts, args, batch_size, fixed, checks) -> list[str]:
+    rows = measure(model, tokenizer, prompts, batch_size, args.max_new_tokens, args.repeats, fixed)
+    hf = next(r for r in rows if r["method"] == "HF generate")
+    ar = next(r for r in rows if r["method"] == "engine ar")
+    scenario = "fixed" if fixed else "stop"
+    lines = [
+        f"## Batch {batch_size}, scenario `{scenario}`",
+        "",
+        "| method | tokens | seconds | tokens/s | tokens/s vs HF | Eff. k | model calls | rows equal to engine ar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_s'] / hf['tokens_per_s']:.3f} | {r['eff_k']:.2f} | {r['calls'] or '-'} | "
+            f"{r['same_as_ar']}/{len(prompts)} |"
+        )
+    checks.append(
+        f"batch {batch_size}, `{scenario}`: engine ar time / HF generate time = "
+        f"{ar['seconds'] / hf['seconds']:.3f} (target <= 1.05)"
+    )
+    return lines + [""]
+
+
+def pass_cost_section(model, tokenizer, prompts, batch_size, checks) -> list[str]:
+    enc = tokenizer(prompts[:batch_size], return_tensors="pt", padding=True)
+    costs = pass_costs(model, enc, [1, 2, 4, 8], passes=12)
+    checks.append(f"batch {batch_size}: a k=4 pass / an ar pass = {costs[4] / costs[1]:.3f} (target <= 1.3)")
+    return [
+        f"Cost of one pass at the cache of {batch_size} prompt(s), 1 token + (k-1) mask slots, median of 12:",
+        "",
+        "| k | ms per pass | vs k=1 |",
+        "|---|---|---|",
+        *[f"| {w} | {1000 * s:.1f} | {s / costs[1]:.3f} |" for w, s in costs.items()],
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF model dir or id (default: the embedded SmolLM2-135M-Instruct)")
@@ -138,6 +190,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="GSM8K test questions")
     parser.add_argument("--shots", type=int, default=4, help="worked train examples before each question")
     parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--scenarios", default="stop,fixed", help="stop, fixed or both (see above)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -154,49 +207,26 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"Date: {date.today()}; machine: {machine_line()}  ",
         f"Model: {path} ({args.dtype}), a mask token added in memory (untrained). "
-        f"{len(prompts)} GSM8K test prompts, {args.shots}-shot, greedy, max {args.max_new_tokens} new tokens, "
-        f"stop at EOS or {STOP}; median of {args.repeats} interleaved repeats.",
+        f"{len(prompts)} GSM8K test prompts, {args.shots}-shot, greedy, max {args.max_new_tokens} new tokens; "
+        f"scenario `stop`: stop at EOS or {STOP}; scenario `fixed`: exactly {args.max_new_tokens} tokens per row. "
+        f"Median of {args.repeats} interleaved repeats.",
         "",
     ]
-    checks = []
+    checks: list[str] = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        rows = measure(model, tokenizer, prompts, batch_size, args.max_new_tokens, args.repeats)
-        hf = next(r for r in rows if r["method"] == "HF generate")
-        ar = next(r for r in rows if r["method"] == "engine ar")
-        lines += [
-            f"## Batch {batch_size}",
-            "",
-            "| method | tokens | seconds | tokens/s | tokens/s vs HF | Eff. k | model calls | rows equal to engine ar |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['method']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
-                f"{r['tokens_per_s'] / hf['tokens_per_s']:.3f} | {r['eff_k']:.2f} | {r['calls'] or '-'} | "
-                f"{r['same_as_ar']}/{len(prompts)} |"
-            )
-        cost_ratio = ar["seconds"] / hf["seconds"]
-        checks.append(f"batch {batch_size}: engine ar time / HF generate time = {cost_ratio:.3f} (target <= 1.05)")
-        enc = tokenizer(prompts[:batch_size], return_tensors="pt", padding=True)
-        costs = pass_costs(model, enc, [1, 2, 4, 8], passes=12)
-        lines += [
-            "",
-            f"Cost of one pass at the cache of {batch_size} prompt(s), 1 token + (k-1) mask slots, median of 12:",
-            "",
-            "| k | ms per pass | vs k=1 |",
-            "|---|---|---|",
-        ]
-        lines += [f"| {w} | {1000 * s:.1f} | {s / costs[1]:.3f} |" for w, s in costs.items()]
-        checks.append(f"batch {batch_size}: a k=4 pass / an ar pass = {costs[4] / costs[1]:.3f} (target <= 1.3)")
-        lines.append("")
-        print("\n".join(lines[-(len(rows) + 14):]), flush=True)
+        for scenario in args.scenarios.split(","):
+            section = scenario_section(model, tokenizer, prompts, args, batch_size, scenario == "fixed", checks)
+            print("\n".join(section), flush=True)
+            lines += section
+        section = pass_cost_section(model, tokenizer, prompts, batch_size, checks)
+        print("\n".join(section), flush=True)
+        lines += section
     lines += ["## Targets", ""] + [f"- {c}" for c in checks] + [""]
-    report = "\n".join(lines)
-    print("\n".join(lines[-len(checks) - 2:]))
+    print("\n".join(lines[-len(checks) - 1 :]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(report, encoding="utf-8")
+        tmp.write_text("\n".join(lines), encoding="utf-8")
         tmp.replace(args.out)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mtp_plugins.checkpoint import read_mtp_spec
+from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.base import Decoder, Proposals
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
@@ -95,7 +96,7 @@ def generate(
     if max_new_tokens > 0:
         sampler = (lambda logits: sample_tokens(logits, temperature, top_p, generator)) if do_sample else None
         loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler)
-        with torch.inference_mode():
+        with torch.inference_mode(), grouped_attention(model):
             stats.model_calls = loop.run(rows)
 
     width = max(len(r.generated) for r in rows)
