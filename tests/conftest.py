@@ -7,13 +7,23 @@ download fails loudly instead of hanging.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every HF cache of the run (and of its subprocesses) lives in a fresh directory: the tests neither
+# read nor write the user's caches.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mtp-tests-hf-")
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MTP_SHARED_DIR", REPO.parent / "shared"))
 
 CORPUS = [
     "Q: Natalia sold clips to 48 of her friends in April. How many clips did she sell? A: 48 + 24 = 72.",
@@ -23,7 +33,7 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 320):
+def build_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,7 +46,7 @@ def build_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(corpus or CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
 
 
@@ -103,3 +113,40 @@ PROMPTS = [
     "Q: Weng earns $12 an hour for babysitting. Yesterday",
     "The answer",
 ]
+
+
+@pytest.fixture(scope="session")
+def gsm8k_cache():
+    """Seed the (test-private) datasets cache with the real GSM8K from ../shared, for lm-eval's
+    hub-named tasks (openai/gsm8k) to run offline. Returns the GSM8K data directory."""
+    tool = SHARED / "tools" / "seed_gsm8k_cache.py"
+    if not tool.exists():
+        pytest.skip(f"needs ../shared beside the repository (GSM8K and its cache seeder); looked in {SHARED}")
+    cache = Path(os.environ["HF_HOME"]) / "datasets"
+    subprocess.run([sys.executable, str(tool), "--cache-dir", str(cache)], check=True, capture_output=True)
+    return SHARED / "data" / "gsm8k"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, gsm8k_cache):
+    """Two tiny random Llama checkpoints on disk with a tokenizer fitted to GSM8K text:
+    ``mtp`` (one mask token) and ``plain`` (none)."""
+    import json
+
+    from mtp_plugins import add_mask_tokens
+
+    lines = (gsm8k_cache / "train.jsonl").read_text(encoding="utf-8").splitlines()[:400]
+    texts = [json.loads(line)["question"] + " " + json.loads(line)["answer"] for line in lines]
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name in ("mtp", "plain"):
+        tokenizer = build_tokenizer(vocab_size=1200, corpus=texts)
+        model = build_model("llama", len(tokenizer), seed=7, max_position_embeddings=1024)
+        if name == "mtp":
+            add_mask_tokens(model, tokenizer)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths

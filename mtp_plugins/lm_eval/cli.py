@@ -1,0 +1,23 @@
+"""``mtp-lm-eval``: lm-eval's own command line with ``--model mtp`` and our tasks registered.
+
+The fallback for environments where the ``.pth`` startup shim does not run (site-packages ``.pth``
+files disabled, ``python -S``, ``MTP_PLUGINS_LM_EVAL_SHIM=0``): same flags as ``lm_eval``.
+"""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    import lm_eval.api.registry
+    import lm_eval.tasks.manager
+    from lm_eval.__main__ import cli_evaluate
+
+    from mtp_plugins.lm_eval import _startup
+
+    _startup.register_model(lm_eval.api.registry)
+    _startup.add_tasks(lm_eval.tasks.manager)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The ``mtp`` lm-eval model: lm-eval's HF model with generation through the MTP decode engine.
+
+Everything of ``--model hf`` is inherited (loading, batching, ``batch_size=auto``, data parallel,
+chat templates, log-likelihood requests, which keep the ordinary next-token path). Only the
+generation step differs: ``_model_generate`` calls ``mtp_plugins.generate`` with the chosen
+strategy, so stop strings retire rows one by one, and every sample's decode statistics are kept.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from mtp_plugins.checkpoint import read_mtp_spec
+from mtp_plugins.decoding import generate
+from mtp_plugins.lm_eval.stats import (
+    SampleStats,
+    aggregate,
+    default_stats_path,
+    output_path_from_argv,
+    summary_table,
+    write_jsonl,
+)
+from mtp_plugins.registry import UnknownPluginError, load_decoder
+
+DEFAULT_K = 8
+
+
+class MTPArgumentError(ValueError):
+    """A bad ``--model_args`` value for ``--model mtp``."""
+
+
+class MTPLM(HFLM):
+    """``lm_eval --model mtp --model_args pretrained=DIR,k=8,tau=0.9,strategy=confadapt``.
+
+    Own model_args: ``k`` (default: the checkpoint's trained k_max, else 8), ``tau`` (0.9, in (0, 1]),
+    ``strategy`` (a decoder name, default ``confadapt``), ``stats_path`` (the per-sample JSONL;
+    default: beside lm-eval's ``--output_path`` results). Every ``hf`` model_arg works as for ``hf``.
+    """
+
+    def __init__(
+        self,
+        pretrained: Any,
+        k: int | None = None,
+        tau: float = 0.9,
+        strategy: str = "confadapt",
+        stats_path: str | None = None,
+        trust_remote_code: bool | None = False,
+        **kwargs: Any,
+    ) -> None:
+        decoder_cls = _check_args(k, tau, strategy)
+        super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
+        spec = read_mtp_spec(self.model)
+        self.k = k if k is not None else (spec.k_max if spec is not None and spec.k_max else DEFAULT_K)
+        self.tau = float(tau)
+        self.strategy = strategy
+        if decoder_cls(k=self.k, tau=self.tau).num_proposals > 1:
+            if spec is None:
+                raise MTPArgumentError(
+                    f"strategy={strategy} with k={self.k} needs an MTP checkpoint, but {pretrained} has no "
+                    "mask token (no `mtp` block in its config.json). Make one with "
+                    "mtp_plugins.add_mask_tokens + `mtp-train`, or pass strategy=ar or k=1."
+                )
+            if spec.max_decodable_k is not None and self.k > spec.max_decodable_k:
+                raise MTPArgumentError(
+                    f"k={self.k} is too large for {pretrained}: its per-slot mask tokens allow k <= {spec.max_decodable_k}"
+                )
+        self._pretrained_name = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
+        self._stats_path = Path(stats_path) if stats_path else None
+        self._samples: list[SampleStats] = []
+        self._generation_seconds = 0.0
+        self._model_calls = 0
+        self._pending_requests: dict[str, deque] = defaultdict(deque)
+        self._batch_contexts: list[str] = []
+
+    # ------------------------------------------------------------ generation
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        # HFLM sorts and batches the requests itself; remember which request each context is, so
+        # that every row's statistics can be tied to its (task, doc_id).
+        for request in requests:
+            self._pending_requests[request.args[0]].append(request)
+        try:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._pending_requests.clear()
+            self._finish_generation()
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self._batch_contexts = list(strings)  # the batch _model_generate receives next
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        attention_mask = generation_kwargs.pop("attention_mask", None)
+        do_sample = bool(generation_kwargs.pop("do_sample", False))
+        temperature = generation_kwargs.pop("temperature", 0.0)
+        top_p = generation_kwargs.pop("top_p", 1.0)
+        if do_sample and not temperature:
+            do_sample = False  # lm-eval's convention: temperature 0 means greedy
+        generation_kwargs.pop("use_cache", None)
+        if generation_kwargs:
+            warnings.warn(
+                f"--model mtp ignores the generation arguments {sorted(generation_kwargs)}; it supports "
+                "until, max_gen_toks, do_sample, temperature and top_p",
+                stacklevel=2,
+            )
+        with torch.autocast(
+            device_type=self.device.type,
+            dtype=self.mixed_precision_dtype,
+            enabled=self.mixed_precision_dtype is not None,
+        ):
+            out = generate(
+                self.model,
+                context,
+                attention_mask,
+                strategy=self.strategy,
+                k=self.k,
+                tau=self.tau,
+                max_new_tokens=max(0, max_length - context.shape[1]),
+                stop_strings=[s for s in stop if s] or None,
+                tokenizer=self.tokenizer,
+                pad_token_id=self.tokenizer.pad_token_id,
+                do_sample=do_sample,
+                temperature=float(temperature) if do_sample else 1.0,
+                top_p=float(top_p),
+            )
+        self._record(out.stats, context.shape[0])
+        return out.sequences
+
+    def _record(self, stats: Any, batch_size: int) -> None:
+        contexts = self._batch_contexts if len(self._batch_contexts) == batch_size else [None] * batch_size
+        for context, row in zip(contexts, stats.rows):
+            queue = self._pending_requests.get(context)
+            request = queue.popleft() if queue else None
+            self._samples.append(
+                SampleStats(
+                    task=getattr(request, "task_name", None),
+                    doc_id=getattr(request, "doc_id", None),
+                    tokens=row.tokens,
+                    forward_passes=row.forward_passes,
+                    tokens_per_pass=list(row.tokens_per_pass),
+                    eff_k=row.eff_k,
+                    stop_reason=row.stop_reason,
+                    batch_size=batch_size,
+                    seconds=stats.wall_seconds,
+                )
+            )
+        self._generation_seconds += stats.wall_seconds
+        self._model_calls += stats.model_calls
+        self._batch_contexts = []
+
+    # ------------------------------------------------------------ statistics
+
+    def _finish_generation(self) -> None:
+        """Gather every rank's records on rank 0, write the JSONL and print the summary there."""
+        gathered = self.gather_object((self._samples, self._generation_seconds, self._model_calls))
+        if self.rank != 0:
+            return
+        self._all_samples = [s for part in gathered for s in part[0]]
+        self._all_seconds = max(part[1] for part in gathered)  # ranks decode in parallel
+        self._all_calls = sum(part[2] for part in gathered)
+        if not self._all_samples:
+            return
+        path = self._stats_path
+        if path is None and (output_path := output_path_from_argv()):
+            path = default_stats_path(output_path, self._pretrained_name)
+        if path is not None:
+            write_jsonl(path, self._all_samples)
+        summary_table(self.mtp_summary(), path)
+        self._written_stats_path = path
+
+    def mtp_summary(self) -> dict[str, Any]:
+        """Aggregate MTP statistics of the generation requests so far (all ranks, on rank 0)."""
+        samples = getattr(self, "_all_samples", self._samples)
+        summary = aggregate(
+            samples,
+            strategy=self.strategy,
+            k=self.k,
+            tau=self.tau,
+            seconds=getattr(self, "_all_seconds", self._generation_seconds),
+            calls=getattr(self, "_all_calls", self._model_calls),
+        )
+        path = getattr(self, "_written_stats_path", None)
+        summary["samples_path"] = str(path) if path else None
+        return summary
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["mtp"] = self.mtp_summary()
+        return info
+
+
+def _check_args(k: Any, tau: Any, strategy: Any) -> type:
+    """Validate our own model_args before any weights load; returns the decoder class."""
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise MTPArgumentError(f"model_args k={k!r} is not allowed: k must be an integer >= 1 (or left out)")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+        raise MTPArgumentError(f"model_args tau={tau!r} is not allowed: tau must be a number in (0, 1]")
+    try:
+        return load_decoder(str(strategy))
+    except UnknownPluginError as error:
+        raise MTPArgumentError(f"model_args strategy={strategy!r} is not allowed: {error}") from None

@@ -1,0 +1,105 @@
+"""MTP statistics of an lm-eval run: one record per generated sample, their aggregate, the JSONL
+file beside lm-eval's results, and the summary table printed at the end of generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SampleStats:
+    """One generation request: joinable with lm-eval's ``--log_samples`` on (task, doc_id)."""
+
+    task: str | None
+    doc_id: int | None
+    tokens: int  # generated, up to and including the stop
+    forward_passes: int
+    tokens_per_pass: list[int]
+    eff_k: float
+    stop_reason: str | None
+    batch_size: int
+    seconds: float  # wall time of the batch this sample was decoded in
+
+
+def aggregate(samples: list[SampleStats], *, strategy: str, k: int, tau: float, seconds: float, calls: int) -> dict[str, Any]:
+    """Run-level statistics (what ``get_model_info`` puts in ``results["config"]["mtp"]``)."""
+    tokens = sum(s.tokens for s in samples)
+    passes = sum(s.forward_passes for s in samples)
+    per_sample = [s.eff_k for s in samples if s.forward_passes]
+    return {
+        "strategy": strategy,
+        "k": k,
+        "tau": tau,
+        "samples": len(samples),
+        "forward_passes": passes,
+        "model_calls": calls,
+        "tokens": tokens,
+        "eff_k": tokens / passes if passes else 0.0,
+        "mean_eff_k": sum(per_sample) / len(per_sample) if per_sample else 0.0,
+        "generation_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+    }
+
+
+def output_path_from_argv(argv: list[str] | None = None) -> str | None:
+    """lm-eval's ``--output_path``/``-o`` when this process is the lm-eval CLI (the model is not told)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_path", "-o")
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.output_path
+
+
+def default_stats_path(output_path: str, model_name: str, stamp: str | None = None) -> Path:
+    """Where the per-sample JSONL goes: beside lm-eval's ``results_*.json`` for that model."""
+    from lm_eval.utils import sanitize_model_name
+
+    stamp = stamp or datetime.now().isoformat().replace(":", "-")
+    path = Path(output_path)
+    if path.suffix == ".json":
+        return path.with_name(f"{path.stem}_mtp_samples_{stamp}.jsonl")
+    return path / sanitize_model_name(model_name) / f"mtp_samples_{stamp}.jsonl"
+
+
+def write_jsonl(path: Path, samples: list[SampleStats]) -> None:
+    """Write all records atomically: a complete file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(asdict(s)) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def summary_table(summary: dict[str, Any], stats_path: Path | None) -> None:
+    """Print the run's MTP statistics as one table (to stderr, beside lm-eval's own logging)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [
+        ("strategy", f"{summary['strategy']} (k={summary['k']}, tau={summary['tau']:g})"),
+        ("samples", str(summary["samples"])),
+        ("tokens generated", str(summary["tokens"])),
+        ("forward passes", f"{summary['forward_passes']} ({summary['model_calls']} batched calls)"),
+        ("Eff. k pooled / per-sample mean", f"{summary['eff_k']:.2f} / {summary['mean_eff_k']:.2f}"),
+        ("generation seconds", f"{summary['generation_seconds']:.1f}"),
+        ("tokens per second", f"{summary['tokens_per_second']:.1f}"),
+        ("per-sample statistics", str(stats_path) if stats_path else "(not written: no --output_path or stats_path)"),
+    ]
+    table = Table(title="MTP decoding", show_header=False)
+    table.add_column("statistic")
+    table.add_column("value")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(stderr=True, width=max(100, Console(stderr=True).width)).print(table)

@@ -1,0 +1,173 @@
+"""The ``mtp`` lm-eval backend: the literal CLI, equivalence with ``hf``, statistics, bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
+GEN = {"max_gen_toks": 24}
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [LM_EVAL, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd, timeout=600
+    )
+
+
+def evaluate(model: str, model_args: str, tasks: list[str], **kwargs):
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=tasks, device="cpu", log_samples=True, **kwargs
+    )
+
+
+def responses(results: dict, task: str) -> dict[int, list]:
+    return {s["doc_id"]: s["resps"] for s in results["samples"][task]}
+
+
+def test_literal_cli_run_writes_results_and_mtp_statistics(tiny_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(
+        "--model", "mtp", "--model_args", f"pretrained={tiny_checkpoints['mtp']},k=4,tau=0.9",
+        "--tasks", "gsm8k", "--limit", "4", "--device", "cpu", "--output_path", str(out), "--log_samples",
+        "--gen_kwargs", "max_gen_toks=24",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MTP decoding" in proc.stderr
+    (results_file,) = out.rglob("results_*.json")
+    mtp = json.loads(results_file.read_text())["config"]["mtp"]
+    assert (mtp["strategy"], mtp["k"], mtp["tau"], mtp["samples"]) == ("confadapt", 4, 0.9, 4)
+    assert mtp["eff_k"] == pytest.approx(mtp["tokens"] / mtp["forward_passes"])
+    assert 0 < mtp["tokens"] <= 4 * 24
+    (stats_file,) = out.rglob("mtp_samples_*.jsonl")
+    assert mtp["samples_path"] == str(stats_file)
+    records = [json.loads(line) for line in stats_file.read_text().splitlines()]
+    (samples_file,) = out.rglob("samples_gsm8k_*.jsonl")
+    logged = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    # Joinable with --log_samples on (task, doc_id) (lm-eval logs each doc once per filter).
+    assert sorted((r["task"], r["doc_id"]) for r in records) == sorted({("gsm8k", s["doc_id"]) for s in logged})
+    assert sum(r["tokens"] for r in records) == mtp["tokens"]
+    assert all(sum(r["tokens_per_pass"]) == r["tokens"] and r["forward_passes"] >= 1 for r in records)
+
+
+@pytest.mark.parametrize("mtp_args", ["strategy=ar", "strategy=verify,k=4"])
+def test_mtp_generates_the_same_text_as_hf(mtp_args, tiny_checkpoints):
+    ckpt = tiny_checkpoints["mtp"]
+    hf = evaluate("hf", f"pretrained={ckpt}", ["gsm8k"], limit=4, batch_size=2, gen_kwargs=GEN)
+    mtp = evaluate("mtp", f"pretrained={ckpt},{mtp_args}", ["gsm8k"], limit=4, batch_size=2, gen_kwargs=GEN)
+    assert responses(mtp, "gsm8k") == responses(hf, "gsm8k")
+    assert len(responses(hf, "gsm8k")) == 4
+    assert mtp["config"]["mtp"]["samples"] == 4
+
+
+TINY_MC = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_loglikelihood_requests_take_the_ordinary_path(tiny_checkpoints, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    data = tmp_path / "tiny_mc.jsonl"
+    rows = [
+        {"question": "2 + 3 = ?", "choices": ["5", "6", "23"], "label": 0},
+        {"question": "How many eggs?", "choices": ["16 eggs", "three", "9"], "label": 2},
+        {"question": "She sells the remainder", "choices": ["yes", "no"], "label": 1},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_mc.yaml").write_text(TINY_MC.format(data=data))
+    manager = TaskManager(include_path=str(tmp_path))
+    ckpt = tiny_checkpoints["mtp"]
+    hf = evaluate("hf", f"pretrained={ckpt}", ["tiny_mc"], task_manager=manager, batch_size=2)
+    mtp = evaluate("mtp", f"pretrained={ckpt},k=4", ["tiny_mc"], task_manager=manager, batch_size=2)
+    assert responses(mtp, "tiny_mc") == responses(hf, "tiny_mc")
+    assert mtp["results"]["tiny_mc"]["acc,none"] == hf["results"]["tiny_mc"]["acc,none"]
+
+
+def test_builtin_models_and_our_tasks_are_found():
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from mtp_plugins.lm_eval.model import MTPLM
+
+    assert get_model("mtp") is MTPLM
+    assert get_model("hf") is HFLM
+    assert get_model("dummy").__name__ == "DummyLM"
+    names = TaskManager().all_tasks
+    assert {"gsm8k", "gsm8k_cot", "gsm8k_cot_mtp", "gsm8k_cot_mtp_zeroshot", "gsm8k_cot_mtp_chat"} <= set(names)
+
+
+def test_lm_eval_ls_tasks_lists_ours():
+    proc = subprocess.run([LM_EVAL, "ls", "tasks"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gsm8k_cot_mtp" in proc.stdout and "gsm8k_cot_mtp_zeroshot" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("k=0", "model_args k=0 is not allowed: k must be an integer >= 1"),
+        ("tau=1.5", r"model_args tau=1.5 is not allowed: tau must be a number in \(0, 1\]"),
+        ("tau=0", r"tau must be a number in \(0, 1\]"),
+        ("strategy=confadap", "model_args strategy='confadap' is not allowed: unknown decoder 'confadap'; did you mean 'confadapt'"),
+    ],
+)
+def test_bad_model_args_are_named_before_loading(args, message):
+    from lm_eval.api.registry import get_model
+
+    from mtp_plugins.lm_eval.model import MTPArgumentError
+
+    with pytest.raises(MTPArgumentError, match=message):
+        get_model("mtp").create_from_arg_string(f"pretrained=/nonexistent,{args}", {"device": "cpu"})
+
+
+def test_mtp_strategies_need_a_mask_token(tiny_checkpoints):
+    from lm_eval.api.registry import get_model
+
+    from mtp_plugins.lm_eval.model import MTPArgumentError
+
+    plain = tiny_checkpoints["plain"]
+    with pytest.raises(MTPArgumentError, match=r"strategy=confadapt with k=8 needs an MTP checkpoint.*no mask token"):
+        get_model("mtp").create_from_arg_string(f"pretrained={plain}", {"device": "cpu"})
+    lm = get_model("mtp").create_from_arg_string(f"pretrained={plain},strategy=ar", {"device": "cpu"})
+    assert lm.k == 8 and lm.strategy == "ar"
+
+
+def test_bad_model_args_exit_non_zero_on_the_cli(tiny_checkpoints):
+    proc = run_cli("--model", "mtp", "--model_args", f"pretrained={tiny_checkpoints['mtp']},k=0", "--tasks", "gsm8k",
+                   "--limit", "1", "--device", "cpu")
+    assert proc.returncode != 0
+    assert "model_args k=0 is not allowed: k must be an integer >= 1" in proc.stderr
+
+
+def test_k_defaults_to_the_trained_k_max(tiny_checkpoints, tmp_path):
+    from lm_eval.api.registry import get_model
+
+    config = json.loads((tiny_checkpoints["mtp"] / "config.json").read_text())
+    config["mtp"]["k_max"] = 5
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in tiny_checkpoints["mtp"].iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    (ckpt / "config.json").write_text(json.dumps(config))
+    lm = get_model("mtp").create_from_arg_string(f"pretrained={ckpt}", {"device": "cpu"})
+    assert (lm.k, lm.tau, lm.strategy) == (5, 0.9, "confadapt")
