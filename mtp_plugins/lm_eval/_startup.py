@@ -1,9 +1,9 @@
 """Startup shim: makes ``lm_eval --model mtp`` and our tasks work with lm-eval 0.4.x.
 
 lm-eval 0.4.13 has no plugin discovery, so an installed package cannot add a model backend or tasks
-by metadata alone. The wheel installs this file as the top-level module ``_mtp_plugins_startup`` and
-a ``mtp_plugins.pth`` line that imports it at interpreter start. It only puts a watcher on
-``sys.meta_path``; nothing happens unless a process imports lm-eval. Then:
+by metadata alone. The wheel installs a root-level ``mtp_plugins.pth`` line whose bootstrap module
+(``_bootstrap.py``) runs this file at interpreter start. It only puts a watcher on ``sys.meta_path``;
+nothing happens unless a process imports lm-eval. Then:
 
 - right after ``lm_eval.api.registry`` is imported: lm-eval's built-in models are registered first
   (registering into an empty registry would hide them), then ``mtp`` as a lazy
