@@ -171,3 +171,24 @@ def test_k_defaults_to_the_trained_k_max(tiny_checkpoints, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     lm = get_model("mtp").create_from_arg_string(f"pretrained={ckpt}", {"device": "cpu"})
     assert (lm.k, lm.tau, lm.strategy) == (5, 0.9, "confadapt")
+
+
+def test_data_parallel_on_two_cpu_processes(tiny_checkpoints, tmp_path):
+    """torchrun + accelerate's CPU mode: documents are sharded across the two ranks and the MTP
+    statistics of both land, once, in rank 0's outputs."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "lm_eval",
+         "--model", "mtp", "--model_args", f"pretrained={tiny_checkpoints['mtp']},k=4",
+         "--tasks", "gsm8k", "--limit", "6", "--device", "cpu", "--output_path", str(out), "--log_samples",
+         "--gen_kwargs", "max_gen_toks=16"],
+        capture_output=True, text=True, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on rank 1" in proc.stderr  # the second process took part
+    (stats_file,) = out.rglob("mtp_samples_*.jsonl")
+    records = [json.loads(line) for line in stats_file.read_text().splitlines()]
+    assert sorted(r["doc_id"] for r in records) == list(range(6))
+    (results_file,) = out.rglob("results_*.json")
+    mtp = json.loads(results_file.read_text())["config"]["mtp"]
+    assert mtp["samples"] == 6 and mtp["tokens"] == sum(r["tokens"] for r in records)

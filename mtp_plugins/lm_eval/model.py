@@ -71,6 +71,7 @@ class MTPLM(HFLM):
                 raise MTPArgumentError(
                     f"k={self.k} is too large for {pretrained}: its per-slot mask tokens allow k <= {spec.max_decodable_k}"
                 )
+        self._enable_cpu_data_parallel()
         self._pretrained_name = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         self._stats_path = Path(stats_path) if stats_path else None
         self._samples: list[SampleStats] = []
@@ -78,6 +79,18 @@ class MTPLM(HFLM):
         self._model_calls = 0
         self._pending_requests: dict[str, deque] = defaultdict(deque)
         self._batch_contexts: list[str] = []
+
+    def _enable_cpu_data_parallel(self) -> None:
+        """Shard documents across ``accelerate launch`` processes on CPU too.
+
+        lm-eval 0.4.13's HF model enables data parallelism only when it counts more than one GPU;
+        on CPU every process would evaluate every document. The processes and their process group
+        exist either way, so take rank and world size from the accelerator as ``hf`` does on GPUs.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1 and self.device.type == "cpu":
+            self._rank = accelerator.local_process_index
+            self._world_size = accelerator.num_processes
 
     # ------------------------------------------------------------ generation
 
