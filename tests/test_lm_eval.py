@@ -192,3 +192,23 @@ def test_data_parallel_on_two_cpu_processes(tiny_checkpoints, tmp_path):
     (results_file,) = out.rglob("results_*.json")
     mtp = json.loads(results_file.read_text())["config"]["mtp"]
     assert mtp["samples"] == 6 and mtp["tokens"] == sum(r["tokens"] for r in records)
+
+
+def test_gsm8k_cot_mtp_prompts_like_gsm8k_cot_with_the_trigger(tiny_checkpoints):
+    """Our tasks reuse the installed lm-eval's gsm8k_cot exemplars and add "Let's think step by step."."""
+    from lm_eval.tasks import TaskManager
+
+    ckpt = tiny_checkpoints["mtp"]
+    out = evaluate("mtp", f"pretrained={ckpt},strategy=ar",
+                   ["gsm8k_cot_mtp", "gsm8k_cot_mtp_zeroshot", "gsm8k_cot"], limit=1, gen_kwargs={"max_gen_toks": 2})
+    prompt = {task: out["samples"][task][0]["arguments"][0][0] for task in out["samples"]}
+    question = out["samples"]["gsm8k_cot_mtp"][0]["doc"]["question"]
+    assert prompt["gsm8k_cot_mtp_zeroshot"] == f"Q: {question}\nA: Let's think step by step."
+    few = prompt["gsm8k_cot_mtp"]
+    assert few.endswith(f"Q: {question}\nA: Let's think step by step.")
+    assert few.count("Q: ") == 9 and few.count("A: Let's think step by step.") == 9
+    # Remove the trigger and it is exactly lm-eval's gsm8k_cot prompt.
+    assert few.replace("A: Let's think step by step.", "A:") == prompt["gsm8k_cot"]
+    until = out["configs"]["gsm8k_cot_mtp"]["generation_kwargs"]["until"]
+    assert "Q:" in until
+    assert {"gsm8k_cot_mtp_chat", "mtp_gsm8k"} <= set(TaskManager().all_tasks)
