@@ -92,12 +92,23 @@ def load_decoder(name: str) -> type:
     """The decoder class registered as ``name`` (see ``mtp_plugins.decoding.base.Decoder``)."""
     from mtp_plugins.decoding.base import DECODER_API_VERSION, Decoder
 
-    cls = load_plugin(DECODERS, name)
-    if not (isinstance(cls, type) and issubclass(cls, Decoder)):
-        raise TypeError(f"decoder {name!r} ({cls!r}) is not a subclass of mtp_plugins.decoding.Decoder")
-    if cls.api_version != DECODER_API_VERSION:
+    return _load_subclass(DECODERS, name, Decoder, "mtp_plugins.decoding.Decoder", DECODER_API_VERSION)
+
+
+def load_loss(name: str) -> type:
+    """The loss class registered as ``name`` (see ``mtp_plugins.losses.Loss``)."""
+    from mtp_plugins.losses import LOSS_API_VERSION, Loss
+
+    return _load_subclass(LOSSES, name, Loss, "mtp_plugins.losses.Loss", LOSS_API_VERSION)
+
+
+def _load_subclass(namespace: str, name: str, base: type, base_name: str, version: int) -> type:
+    kind = _KIND[namespace]
+    cls = load_plugin(namespace, name)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{kind} {name!r} ({cls!r}) is not a subclass of {base_name}")
+    if cls.api_version != version:
         raise TypeError(
-            f"decoder {name!r} implements decoder API {cls.api_version}; this mtp-plugins speaks "
-            f"API {DECODER_API_VERSION}"
+            f"{kind} {name!r} implements {kind} API {cls.api_version}; this mtp-plugins speaks API {version}"
         )
     return cls
