@@ -50,9 +50,9 @@ def prepare_checkpoint(cache: Path) -> Path:
 
 def load_lm(model: str, model_args: str, batch_size: int):
     """An lm-eval model object whose ``generate_until`` adds its wall time to ``lm.generation_seconds``."""
-    import lm_eval
+    from lm_eval.api.registry import get_model
 
-    lm = lm_eval.api.registry.get_model(model).create_from_arg_string(
+    lm = get_model(model).create_from_arg_string(
         model_args, {"batch_size": batch_size, "device": "cpu"}
     )
     generate_until = lm.generate_until
@@ -94,6 +94,10 @@ def run_configs(checkpoint: Path, dtype: str, task: str, limit: int, batch_size:
     for label, lm in lms.items():
         rows[label]["seconds"] = statistics.median(lm.generation_seconds)
     return rows
+
+
+def _number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
 def main() -> None:
@@ -141,7 +145,7 @@ def main() -> None:
                     f"| {task} | {batch_size} | {label} | {r['seconds'] / args.limit:.2f} | "
                     f"{r['tokens'] / r['seconds']:.1f} | {r['seconds'] / hf['seconds']:.3f} | "
                     f"{r['eff_k'] if r['eff_k'] is None else format(r['eff_k'], '.2f')} | "
-                    f"{r['accuracy']:.3f} ± {r['stderr']:.3f} | {same}/{len(hf['responses'])} |"
+                    f"{r['accuracy']:.3f} ± {_number(r['stderr'])} | {same}/{len(hf['responses'])} |"
                 )
                 lines.append(line)
                 print(line, flush=True)
