@@ -174,8 +174,3 @@ def build_layout(
         real=in_doc,
         next_tokens=next_tokens,
     )
-
-
-def additive_mask(attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A boolean attention mask as the additive float mask that ``eager`` attention expects."""
-    return torch.zeros(attention.shape, dtype=dtype).masked_fill(~attention, torch.finfo(dtype).min)

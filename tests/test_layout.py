@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import build_model
 
-from mtp_plugins.layout import IGNORE, LayoutGeometry, additive_mask, build_layout
+from mtp_plugins.layout import IGNORE, LayoutGeometry, build_layout
+from mtp_plugins.modeling import attention_for
 
 MASK, PAD = 90, 91
 
@@ -29,7 +30,7 @@ def test_real_tokens_compute_the_ordinary_forward_pass(k, offset, attn):
     g = LayoutGeometry(seq_len=48, regions=4, k=k, offset=offset)
     docs = documents([g.tokens_needed + 3, g.real_tokens - 5])
     layout = build_layout(docs, g, [MASK] * (k - 1), PAD)
-    mask = layout.attention if attn == "sdpa" else additive_mask(layout.attention, torch.float32)
+    mask = attention_for(model, layout.attention, torch.float32)
     logits = forward(model, layout.input_ids, mask, layout.position_ids)
     for b, doc in enumerate(docs):
         n = min(len(doc), g.real_tokens)

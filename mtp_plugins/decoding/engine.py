@@ -16,7 +16,6 @@ proposal j. The strategy chooses how many leading proposals each row emits.
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.base import Decoder, Proposals
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
+from mtp_plugins.modeling import forward_kwargs
 from mtp_plugins.registry import load_decoder
 
 
@@ -129,7 +129,7 @@ class _DecodeLoop:
         self.limits = limits
         self.sampler = sampler
         self.device = model.get_input_embeddings().weight.device
-        self.cache_kwarg, self.keep_kwarg = _forward_kwargs(model)
+        self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
         self.cache = _new_cache(model)
         self.valid: torch.Tensor  # [B, L] bool: cache slots that hold real tokens (holes are False)
 
@@ -340,14 +340,6 @@ def _pad_id(model: Any, pad_token_id: int | None, eos: list[int]) -> int:
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return int(pad_token_id)
-
-
-def _forward_kwargs(model: Any) -> tuple[str, str | None]:
-    """Keyword names this model's forward uses for the KV cache and for computing only the last logits."""
-    params = inspect.signature(model.forward).parameters
-    cache = "cache" if "cache" in params else "past_key_values"
-    keep = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-    return cache, keep
 
 
 def _new_cache(model: Any) -> Any:

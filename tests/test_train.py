@@ -1,0 +1,190 @@
+"""`mtp-train`: exact resume, the HF export, the prepared checkpoint, losses by name, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CORPUS, PROMPTS, batch, build_model, build_tokenizer
+
+from mtp_plugins import generate, read_mtp_spec
+from train_cli.config import ConfigError, build_config
+from train_cli.trainer import Trainer
+
+MTP_TRAIN = str(Path(sys.executable).with_name("mtp-train"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model directory and a local JSONL data file."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = build_tokenizer()
+    model = build_model("llama", len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"question": f"{CORPUS[i % 4][:50]} ({i})", "answer": CORPUS[(i + 1) % 4]} for i in range(48)]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def settings(tiny_run, out, **overrides):
+    base = dict(
+        model=str(tiny_run / "model"), data=str(tiny_run / "data.jsonl"), prompt_field="question",
+        response_field="answer", output_dir=str(out), max_steps=4, seq_len=40, regions=4, k_min=2, k_max=4,
+        micro_batch_size=4, grad_accum=2, eval_every=2, eval_rows=8, save_every=2, dtype="fp32", lr=1e-3,
+        warmup_steps=2,
+    )
+    base.update(overrides)
+    return build_config(**base)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["hard-label", "soft-kl"])
+def test_resume_reaches_the_same_weights(loss, tiny_run, tmp_path):
+    Trainer(settings(tiny_run, tmp_path / "straight", loss=loss)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", loss=loss, max_steps=2)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", loss=loss, max_steps=4)).run(resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(s["kind"], s["step"], s.get("k")) for s in steps] == [(s["kind"], s["step"], s.get("k")) for s in straight]
+
+
+def test_export_is_an_ordinary_hf_model_that_decodes(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Trainer(settings(tiny_run, tmp_path / "out", loss="soft-kl", max_steps=3)).run()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    spec = read_mtp_spec(model)
+    assert spec is not None and spec.k_max == 4 and len(spec.mask_token_ids) == 1
+    assert not list(out.glob("*.bin")) and not (out / ".export-partial").exists()
+    ids, mask = batch(tokenizer, PROMPTS)
+    ar = generate(model, ids, mask, strategy="ar", max_new_tokens=16)
+    verify = generate(model, ids, mask, strategy="verify", k=4, max_new_tokens=16)
+    assert torch.equal(ar.sequences, verify.sequences)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def test_zero_steps_writes_the_prepared_checkpoint(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = Trainer(settings(tiny_run, tmp_path / "out", max_steps=0)).run()
+    original = AutoModelForCausalLM.from_pretrained(tiny_run / "model")
+    prepared = AutoModelForCausalLM.from_pretrained(out)
+    (mask_id,) = read_mtp_spec(prepared).mask_token_ids
+    emb, base = prepared.get_input_embeddings().weight, original.get_input_embeddings().weight
+    assert torch.equal(emb[:-1], base)
+    torch.testing.assert_close(emb[mask_id], base.mean(0))
+
+
+def test_ground_truth_loads_no_teacher_and_learns(tiny_run, tmp_path):
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", loss="ground-truth", max_steps=30, eval_every=30, save_every=30, lr=3e-3))
+    trainer.run()
+    assert trainer.teacher is None
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [line["loss"] for line in lines if line["kind"] == "train"]
+    assert sum(train[-5:]) / 5 < 0.7 * sum(train[:5]) / 5
+
+
+def test_k_and_offset_are_drawn_independently_and_reproducibly(tiny_run, tmp_path):
+    def draws(out, **kw):
+        Trainer(settings(tiny_run, out, max_steps=8, eval_every=100, save_every=100, **kw)).run()
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        return [line["k"] for line in lines], [line["offset"] for line in lines]
+
+    k1, o1 = draws(tmp_path / "a")
+    k2, o2 = draws(tmp_path / "b")
+    assert (k1, o1) == (k2, o2)
+    assert len(set(k1)) > 1 and all(2 <= k <= 4 for k in k1)
+    fixed_k, fixed_offsets = draws(tmp_path / "c", k_min=3, k_max=3)
+    assert set(fixed_k) == {3} and len(set(fixed_offsets)) > 1  # the grid still moves with k fixed
+
+
+def test_validation_reports_agreement_by_offset_and_eff_k(tiny_run, tmp_path):
+    Trainer(settings(tiny_run, tmp_path / "out", max_steps=0)).run()  # the prepared model: no validation
+    Trainer(settings(tiny_run, tmp_path / "out2", max_steps=2, lr=1e-9)).run()
+    evals = [json.loads(line) for line in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and len(evals[-1]["agreement"]) == 4
+    # At a negligible learning rate the student is still the teacher at offset 1 (same weights).
+    assert evals[-1]["agreement"][0] == 1.0
+    assert all(0.0 <= a <= 1.0 for a in evals[-1]["agreement"])
+    assert 1.0 <= evals[-1]["eff_k_tau_0.9"] <= 4.0
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([MTP_TRAIN, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_trains_with_a_recipe_and_flags(tiny_run, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tiny_run / 'model'}\ndata: {tiny_run / 'data.jsonl'}\nprompt-field: question\nresponse_field: answer\n"
+        "seq_len: 40\nregions: 4\nk_max: 4\nmicro_batch_size: 4\ndtype: fp32\nmax_steps: 50\n"
+    )
+    proc = run_cli("--config", str(recipe), "--loss", "soft-kl", "--max-steps", "2", "--output-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 2  # the flag overrode the recipe's max_steps
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--loss", "sof-kl"], "unknown loss 'sof-kl'; did you mean 'soft-kl'?"),
+        (["--k-min", "5", "--k-max", "3"], r"--k-min \(5\) must be <= --k-max \(3\)"),
+        (["--seq-len", "12"], "--seq-len 12 is too short for --regions 4 and --k-max 4"),
+        (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+        (["--prompt-field", "query"], "--prompt-field 'query': no such field in .*; its fields are question, answer"),
+        (["--mask-tokens", "2"], "--mask-tokens 2: per-slot mask tokens need one per slot"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(args, message, tiny_run, tmp_path):
+    base = ["--model", str(tiny_run / "model"), "--data", str(tiny_run / "data.jsonl"), "--prompt-field", "question",
+            "--response-field", "answer", "--seq-len", "40", "--regions", "4", "--k-max", "4",
+            "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    proc = run_cli(*base, *args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    import re
+
+    assert re.search(message, proc.stderr), proc.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("k_maxx: 3\n", r"unknown settings 'k_maxx' \(did you mean 'k_max'\?\)"),
+        ("seq_len: long\n", r"--seq-len must be int; got 'long'"),
+        ("template: html\n", "--template must be one of plain, chat; got 'html'"),
+        ("- a list\n", "expected a mapping of settings"),
+    ],
+)
+def test_bad_recipes_are_named(yaml_text, message, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=message):
+        build_config(recipe)
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, tmp_path):
+    Trainer(settings(tiny_run, tmp_path / "out", max_steps=2)).run()
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        Trainer(settings(tiny_run, tmp_path / "out", max_steps=2)).run()
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
+        Trainer(settings(tiny_run, tmp_path / "fresh", max_steps=2)).run(resume=True)

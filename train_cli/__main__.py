@@ -1,0 +1,3 @@
+from train_cli.app import main
+
+main()

@@ -1,0 +1,114 @@
+"""``mtp-train``: the Typer command. Training is the root command: ``mtp-train --loss soft-kl ...``.
+
+Options mirror ``TrainConfig``; an option left out keeps the recipe's value (``--config``) or the
+dataclass default, shown in ``--help``.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Optional
+
+import typer
+
+from train_cli.config import TrainConfig
+
+D = TrainConfig()  # the defaults, shown in --help; they live in the dataclass only
+
+
+def _help(text: str, field: str) -> str:
+    return f"{text} [default: {getattr(D, field)}]"
+
+
+class Template(str, Enum):
+    plain = "plain"
+    chat = "chat"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+
+@app.command(help="Distil a pretrained causal LM into a multi-token predictor (self-distillation, METHOD.md).")
+def train(
+    config: Optional[str] = typer.Option(None, "--config", help="Recipe YAML filling the same settings; flags override it."),
+    model: Optional[str] = typer.Option(None, help=_help("HF model id or local directory; student and frozen teacher start from it.", "model")),
+    data: Optional[str] = typer.Option(None, help=_help("HF dataset id, or a local .jsonl/.json/.parquet file.", "data")),
+    prompt_field: Optional[str] = typer.Option(None, help=_help("Field holding the prompt.", "prompt_field")),
+    response_field: Optional[str] = typer.Option(None, help=_help("Field holding the response.", "response_field")),
+    template: Optional[Template] = typer.Option(None, help=_help("plain: prompt, blank line, response; chat: the model's chat template.", "template")),
+    eval_rows: Optional[int] = typer.Option(None, help=_help("Held-out rows for validation.", "eval_rows")),
+    loss: Optional[str] = typer.Option(None, help=_help("Loss strategy by name (hard-label, soft-kl, ground-truth, or a plugin's).", "loss")),
+    output_dir: Optional[str] = typer.Option(None, help=_help("Run directory: the final HF model, checkpoints/, metrics.jsonl.", "output_dir")),
+    max_steps: Optional[int] = typer.Option(None, help=_help("Optimizer steps (0 writes the prepared, untrained checkpoint).", "max_steps")),
+    max_tokens: Optional[int] = typer.Option(None, help=_help("Stop after the student has seen this many real tokens.", "max_tokens")),
+    seq_len: Optional[int] = typer.Option(None, help=_help("Columns of a training row.", "seq_len")),
+    regions: Optional[int] = typer.Option(None, help=_help("Regions per row.", "regions")),
+    k_min: Optional[int] = typer.Option(None, help=_help("Smallest horizon k drawn per step.", "k_min")),
+    k_max: Optional[int] = typer.Option(None, help=_help("Largest horizon k drawn per step (recorded as the checkpoint's k_max).", "k_max")),
+    mask_tokens: Optional[int] = typer.Option(None, help=_help("1: one shared mask token; n >= k_max-1: one per slot.", "mask_tokens")),
+    lr: Optional[float] = typer.Option(None, help=_help("Peak learning rate (AdamW).", "lr")),
+    schedule: Optional[Schedule] = typer.Option(None, help=_help("After warm-up: constant or cosine to 0.", "schedule")),
+    warmup_steps: Optional[int] = typer.Option(None, help=_help("Linear warm-up steps.", "warmup_steps")),
+    weight_decay: Optional[float] = typer.Option(None, help=_help("AdamW weight decay (matrices only).", "weight_decay")),
+    grad_clip: Optional[float] = typer.Option(None, help=_help("Gradient norm clip.", "grad_clip")),
+    micro_batch_size: Optional[int] = typer.Option(None, help=_help("Rows per forward pass.", "micro_batch_size")),
+    grad_accum: Optional[int] = typer.Option(None, help=_help("Micro-batches per optimizer step.", "grad_accum")),
+    prefix_loss_weight: Optional[float] = typer.Option(None, help=_help("Weight of an ordinary next-token loss on the real tokens.", "prefix_loss_weight")),
+    entropy_weight: Optional[float] = typer.Option(None, help=_help("Weight of the student's entropy at the supervised positions.", "entropy_weight")),
+    save_every: Optional[int] = typer.Option(None, help=_help("Checkpoint every N steps (and at the end).", "save_every")),
+    keep_last: Optional[int] = typer.Option(None, help=_help("Checkpoints kept.", "keep_last")),
+    eval_every: Optional[int] = typer.Option(None, help=_help("Validate every N steps (and at the end).", "eval_every")),
+    log_every: Optional[int] = typer.Option(None, help=_help("Report metrics every N steps.", "log_every")),
+    seed: Optional[int] = typer.Option(None, help=_help("Seed of the data order, k draws and region offsets.", "seed")),
+    dtype: Optional[Dtype] = typer.Option(None, help=_help("Compute precision (weights stay float32).", "dtype")),
+    device: Optional[str] = typer.Option(None, help=_help("auto, cpu, cuda, cuda:N.", "device")),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest complete checkpoint."),
+) -> None:
+    from train_cli.config import build_config
+    from train_cli.trainer import Trainer
+
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k not in ("config", "resume", "build_config", "Trainer")}
+    settings = build_config(config, **flags)
+    Trainer(settings).run(resume=resume)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
+    from mtp_plugins.registry import PluginLoadError, UnknownPluginError
+    from train_cli.config import ConfigError
+
+    try:
+        app(standalone_mode=False)
+    except (ConfigError, UnknownPluginError, PluginLoadError) as error:
+        print(f"mtp-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except KeyboardInterrupt:
+        print("mtp-train: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # click's own usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

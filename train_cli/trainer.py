@@ -1,0 +1,302 @@
+"""The self-distillation training loop (METHOD.md sections 3-5).
+
+Per optimizer step: draw k (and the region-grid offset, from an independent generator); for each
+micro-batch, lay the documents out, run the student, write its greedy drafts into the mask slots
+(student forcing), run the frozen teacher on that copy, and apply the loss strategy to the
+supervised positions. The student keeps float32 master weights; ``dtype`` bf16/fp16 is the compute
+precision (autocast), so that updates of lr 1e-5 are not rounded away.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mtp_plugins.checkpoint import add_mask_tokens, read_mtp_spec
+from mtp_plugins.hooks import plugin_manager
+from mtp_plugins.layout import Layout, LayoutGeometry, build_layout
+from mtp_plugins.modeling import attention_for, logits_at
+from mtp_plugins.registry import load_loss
+from train_cli import checkpoints
+from train_cli.config import ConfigError, TrainConfig
+from train_cli.data import DataPosition, Documents, Sampler, held_out_indices, load_rows
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TAU = 0.9  # the ConfAdapt threshold whose Eff. k validation reports
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # scalar, with grad in training
+    tokens: int  # real tokens the student saw
+    student: torch.Tensor  # [B, R, k, V] logits at the supervised positions
+    teacher: torch.Tensor | None
+    supervised: torch.Tensor  # [B, R] bool
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, plugins: tuple[object, ...] = ()) -> None:
+        self.config = config
+        self.hook = plugin_manager(*plugins).hook
+        self.device = _device(config.device)
+        self.compute_dtype = _compute_dtype(config.dtype, self.device)
+        self.loss_fn = load_loss(config.loss)()
+        self.output_dir = config.output_path
+
+    # ------------------------------------------------------------------ set-up
+
+    def _load_model(self, source: str | Path, dtype: torch.dtype) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=self.config.trust_remote_code
+        ).to(self.device)
+
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress display is the one to watch
+
+        c = self.config
+        resume_from = self._resume_point()
+        source = resume_from or c.model
+        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=c.trust_remote_code)
+        self.student = self._load_model(source, torch.float32)
+        self.spec = add_mask_tokens(self.student, self.tokenizer, num_tokens=c.mask_tokens, k_max=c.k_max)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.teacher = None
+        if self.loss_fn.needs_teacher:
+            self.teacher = self._load_model(c.model, self.compute_dtype).eval().requires_grad_(False)
+        train_rows, held = load_rows(c)
+        self.documents = Documents(train_rows, self.tokenizer, c)
+        if held is not None:
+            self.eval_documents = Documents(held, self.tokenizer, c)
+            self.eval_indices = list(range(min(c.eval_rows, len(held))))
+            excluded: set[int] = set()
+        else:
+            self.eval_documents = self.documents
+            self.eval_indices = held_out_indices(len(train_rows), c.eval_rows, c.seed)
+            excluded = set(self.eval_indices)
+        decay = [p for p in self.student.parameters() if p.dim() >= 2]
+        rest = [p for p in self.student.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.k_generator = torch.Generator().manual_seed(_stream(c.seed, 1))
+        self.offset_generator = torch.Generator().manual_seed(_stream(c.seed, 2))
+        self.step, self.tokens_seen = 0, 0
+        position = DataPosition()
+        if resume_from is not None:
+            state = checkpoints.load_state(resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.k_generator.set_state(state["rng"]["k"])
+            self.offset_generator.set_state(state["rng"]["offset"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            position = DataPosition(**state["data"])
+        self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
+
+    def _resume_point(self) -> Path | None:
+        existing = checkpoints.complete_checkpoints(self.output_dir)
+        if self._resume:
+            if not existing:
+                raise ConfigError(f"--resume: no complete checkpoint in {checkpoints.checkpoint_dir(self.output_dir)}")
+            return existing[-1]
+        if existing or (self.output_dir / "config.json").exists():
+            raise ConfigError(
+                f"--output-dir {self.output_dir} already holds a run; pass --resume to continue it, "
+                "or choose another --output-dir"
+            )
+        return None
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.config
+        if c.warmup_steps and step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "cosine" and c.max_steps:
+            progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, layout: Layout, *, train: bool) -> StepResult:
+        """Student on the layout, student forcing, teacher, loss (and the optional extra terms)."""
+        c = self.config
+        B, R, k = layout.input_ids.shape[0], layout.geometry.regions, layout.geometry.k
+        columns = layout.supervised_columns.flatten()
+        real_columns = layout.real.any(dim=0).nonzero().flatten()
+        keep = torch.cat([columns, real_columns]) if c.prefix_loss_weight and train else columns
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            logits = logits_at(
+                self.student, keep, input_ids=layout.input_ids,
+                attention_mask=attention_for(self.student, layout.attention, self.compute_dtype),
+                position_ids=layout.position_ids,
+            ).float()
+        student = logits[:, : R * k].reshape(B, R, k, -1)
+        teacher = None
+        if self.teacher is not None:
+            forced = layout.input_ids.clone()
+            drafts = student[:, :, : k - 1].detach().argmax(dim=-1)  # offsets 1..k-1
+            forced[:, layout.mask_columns.flatten()] = drafts.reshape(B, -1)
+            with torch.no_grad():
+                teacher = logits_at(
+                    self.teacher, columns, input_ids=forced,
+                    attention_mask=attention_for(self.teacher, layout.attention, self.compute_dtype),
+                    position_ids=layout.position_ids,
+                ).float().reshape(B, R, k, -1)
+            extra = student.shape[-1] - teacher.shape[-1]
+            if extra > 0:  # the mask rows the teacher lacks: it never predicts them
+                teacher = F.pad(teacher, (0, extra), value=-1e4)
+        weights = layout.supervised[:, :, None].expand(B, R, k).reshape(-1).float()
+        V = student.shape[-1]
+        loss = self.loss_fn(
+            student.reshape(-1, V), None if teacher is None else teacher.reshape(-1, V), layout.targets.reshape(-1), weights
+        )
+        if c.prefix_loss_weight and train:
+            targets = layout.next_tokens[:, real_columns]
+            loss = loss + c.prefix_loss_weight * F.cross_entropy(
+                logits[:, R * k :].reshape(-1, V), targets.reshape(-1), ignore_index=-100
+            ).nan_to_num(0.0)
+        if c.entropy_weight and train:
+            log_p = F.log_softmax(student.reshape(-1, V), dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            loss = loss + c.entropy_weight * (entropy * weights).sum() / weights.sum().clamp(min=1)
+        return StepResult(loss, int(layout.real.sum()), student, teacher, layout.supervised)
+
+    def _layout(self, documents: Documents, indices: list[int], k: int, offset: int) -> Layout:
+        geometry = LayoutGeometry(self.config.seq_len, self.config.regions, k, offset)
+        tokens = documents.tokens(indices, geometry.tokens_needed)
+        return build_layout(tokens, geometry, self.spec.mask_ids(k - 1), self.pad_id).to(self.device)
+
+    def train_step(self) -> dict[str, Any]:
+        c = self.config
+        start = time.perf_counter()
+        k = int(torch.randint(c.k_min, c.k_max + 1, (1,), generator=self.k_generator))
+        real_per_region = c.seq_len // c.regions - (k - 1)
+        offset = int(torch.randint(0, real_per_region, (1,), generator=self.offset_generator))
+        self.student.train()
+        total, tokens = 0.0, 0
+        for _ in range(c.grad_accum):
+            layout = self._layout(self.documents, self.sampler.take(c.micro_batch_size), k, offset)
+            result = self.forward(layout, train=True)
+            (result.loss / c.grad_accum).backward()
+            total += result.loss.item() / c.grad_accum
+            tokens += result.tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        seconds = time.perf_counter() - start
+        return {"step": self.step, "k": k, "offset": offset, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": tokens, "tokens_seen": self.tokens_seen, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Held-out loss at k = k_max; per offset j the rate at which the student's argmax equals the
+        teacher's (or the data's, without a teacher); and the Eff. k ConfAdapt at tau 0.9 would get."""
+        c = self.config
+        k = c.k_max
+        self.student.eval()
+        losses, agree, counted, emitted, regions = [], torch.zeros(k), 0, 0, 0
+        for i in range(0, len(self.eval_indices), c.micro_batch_size):
+            layout = self._layout(self.eval_documents, self.eval_indices[i : i + c.micro_batch_size], k, 0)
+            result = self.forward(layout, train=False)
+            mask = result.supervised  # [B, R]
+            if not mask.any():
+                continue
+            losses.append((result.loss.item(), int(mask.sum())))
+            reference = result.teacher.argmax(-1) if result.teacher is not None else layout.targets
+            agree += (result.student.argmax(-1) == reference)[mask].float().sum(0).cpu()
+            counted += int(mask.sum())
+            confidence = result.student.softmax(-1).amax(-1)[mask]  # [n, k]
+            run = (confidence >= TAU).long().cumprod(dim=1).sum(dim=1).clamp(min=1)
+            emitted += int(run.sum())
+            regions += int(mask.sum())
+        total = sum(n for _, n in losses)
+        return {
+            "step": self.step,
+            "k": k,
+            "loss": sum(v * n for v, n in losses) / total if total else float("nan"),
+            "agreement": (agree / max(counted, 1)).tolist(),
+            "eff_k_tau_0.9": emitted / regions if regions else 0.0,
+            "regions": regions,
+        }
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, resume: bool = False) -> Path:
+        self._resume = resume
+        self.setup()
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.hook.mtp_train_start(config=c.to_dict(), output_dir=str(self.output_dir), start_step=self.step, total_steps=c.max_steps)
+        last: dict[str, Any] = {}
+        while not self._done():
+            last = self.train_step()
+            if self.step % c.log_every == 0 or self._done():
+                self.hook.mtp_step_end(step=self.step, metrics=last)
+            if self.eval_indices and (self.step % c.eval_every == 0 or self._done()):
+                self.hook.mtp_validation_end(step=self.step, metrics=self.validate())
+            if self.step % c.save_every == 0 or self._done():
+                self._save()
+        checkpoints.export_model(self.output_dir, self.student, self.tokenizer)
+        summary = {"output_dir": str(self.output_dir), "step": self.step, "tokens_seen": self.tokens_seen, "last": last}
+        self.hook.mtp_train_end(summary=summary)
+        return self.output_dir
+
+    def _done(self) -> bool:
+        c = self.config
+        return (c.max_steps is not None and self.step >= c.max_steps) or (
+            c.max_tokens is not None and self.tokens_seen >= c.max_tokens
+        )
+
+    def _save(self) -> None:
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.sampler.position.to_dict(),
+            "rng": {"k": self.k_generator.get_state(), "offset": self.offset_generator.get_state(),
+                    "torch": torch.get_rng_state()},
+        }
+        path = checkpoints.save_checkpoint(
+            self.output_dir, self.step, self.student, self.tokenizer, state, self.config.to_dict(), self.config.keep_last
+        )
+        self.hook.mtp_checkpoint_saved(path=str(path), step=self.step)
+
+
+def _stream(seed: int, stream: int) -> int:
+    """Independent generator seeds from one user seed (k and the offset must not move together)."""
+    return (seed * 0x9E3779B1 + stream * 0x85EBCA77) % (2**63)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16
+    return DTYPES[name]
