@@ -58,14 +58,15 @@ class Trainer:
             source, dtype=dtype, trust_remote_code=self.config.trust_remote_code
         ).to(self.device)
 
-    def setup(self) -> None:
+    def setup(self, resume: bool = False) -> None:
+        """Load models, data, optimizer; with ``resume``, restore the newest checkpoint's state."""
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress display is the one to watch
 
         c = self.config
-        resume_from = self._resume_point()
+        resume_from = self._resume_point(resume)
         source = resume_from or c.model
         self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=c.trust_remote_code)
         self.student = self._load_model(source, torch.float32)
@@ -106,9 +107,9 @@ class Trainer:
             position = DataPosition(**state["data"])
         self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
 
-    def _resume_point(self) -> Path | None:
+    def _resume_point(self, resume: bool) -> Path | None:
         existing = checkpoints.complete_checkpoints(self.output_dir)
-        if self._resume:
+        if resume:
             if not existing:
                 raise ConfigError(f"--resume: no complete checkpoint in {checkpoints.checkpoint_dir(self.output_dir)}")
             return existing[-1]
@@ -239,8 +240,7 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self, resume: bool = False) -> Path:
-        self._resume = resume
-        self.setup()
+        self.setup(resume)
         c = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.hook.mtp_train_start(config=c.to_dict(), output_dir=str(self.output_dir), start_step=self.step, total_steps=c.max_steps)
