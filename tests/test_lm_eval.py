@@ -212,3 +212,20 @@ def test_gsm8k_cot_mtp_prompts_like_gsm8k_cot_with_the_trigger(tiny_checkpoints)
     until = out["configs"]["gsm8k_cot_mtp"]["generation_kwargs"]["until"]
     assert "Q:" in until
     assert {"gsm8k_cot_mtp_chat", "mtp_gsm8k"} <= set(TaskManager().all_tasks)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/venv/bin/lm_eval", "--model", "mtp", "--output_path", "out"], "out"),
+        (["/venv/bin/lm-eval", "run", "-o", "res"], "res"),
+        (["/site-packages/lm_eval/__main__.py", "--output-path=o2"], "o2"),
+        (["/venv/bin/lm_eval", "--output", "out"], None),  # no abbreviations: lm-eval's flag is spelled out
+        (["benchmarks/lm_eval_gsm8k.py", "--out", "report.md"], None),  # another program's flags
+        (["python", "-c"], None),
+    ],
+)
+def test_output_path_is_read_only_from_the_lm_eval_command_line(argv, expected):
+    from mtp_plugins.lm_eval.stats import output_path_from_argv
+
+    assert output_path_from_argv(argv) == expected

@@ -49,11 +49,19 @@ def aggregate(samples: list[SampleStats], *, strategy: str, k: int, tau: float, 
     }
 
 
+CLI_NAMES = {"lm_eval", "lm-eval", "mtp-lm-eval"}
+
+
 def output_path_from_argv(argv: list[str] | None = None) -> str | None:
-    """lm-eval's ``--output_path``/``-o`` when this process is the lm-eval CLI (the model is not told)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--output_path", "-o")
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    """lm-eval's ``--output_path``/``-o`` when this process is the lm-eval command line (lm-eval does
+    not tell the model); None in any other program, whose flags mean something else."""
+    argv = sys.argv if argv is None else argv
+    program = Path(argv[0]) if argv else Path()
+    if program.name not in CLI_NAMES and program.parts[-2:] != ("lm_eval", "__main__.py"):
+        return None
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--output_path", "--output-path", "-o")
+    known, _ = parser.parse_known_args(argv[1:])
     return known.output_path
 
 
