@@ -188,3 +188,20 @@ def test_an_existing_run_is_not_overwritten_without_resume(tiny_run, tmp_path):
         Trainer(settings(tiny_run, tmp_path / "out", max_steps=2)).run()
     with pytest.raises(ConfigError, match="--resume: no complete checkpoint"):
         Trainer(settings(tiny_run, tmp_path / "fresh", max_steps=2)).run(resume=True)
+
+
+def test_per_slot_mask_tokens_and_a_dataset_directory(tiny_run, tmp_path):
+    """One mask token per slot; data given as a directory that load_dataset reads like a hub name
+    (train + test files), whose test split becomes the held-out rows."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (tiny_run / "data.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    (data / "test.jsonl").write_text("\n".join(lines[40:]) + "\n")
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", data=str(data), mask_tokens=3, max_steps=2))
+    out = trainer.run()
+    from transformers import AutoConfig
+
+    spec = read_mtp_spec(AutoConfig.from_pretrained(out))
+    assert len(spec.mask_token_ids) == 3 and spec.max_decodable_k == 4
+    assert trainer.eval_documents is not trainer.documents and len(trainer.eval_indices) == 8

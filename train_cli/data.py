@@ -20,7 +20,9 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
     from datasets import DatasetDict, load_dataset
 
     path = Path(config.data)
-    if path.suffix in LOCAL_FORMATS or path.exists():
+    if path.is_dir():  # a local dataset directory reads like a hub name
+        path = None
+    if path is not None and (path.suffix in LOCAL_FORMATS or path.exists()):
         if not path.is_file():
             raise ConfigError(f"--data {config.data}: no such file")
         builder = LOCAL_FORMATS.get(path.suffix)
@@ -35,7 +37,7 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
             splits = load_dataset(config.data)
         except Exception as error:
             raise ConfigError(
-                f"--data {config.data}: not a local file and not loadable from the hub "
+                f"--data {config.data}: not a local file or dataset directory, and not loadable from the hub "
                 f"({type(error).__name__}: {error})"
             ) from None
     if not isinstance(splits, DatasetDict) or "train" not in splits:
