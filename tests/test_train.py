@@ -205,3 +205,21 @@ def test_per_slot_mask_tokens_and_a_dataset_directory(tiny_run, tmp_path):
     spec = read_mtp_spec(AutoConfig.from_pretrained(out))
     assert len(spec.mask_token_ids) == 3 and spec.max_decodable_k == 4
     assert trainer.eval_documents is not trainer.documents and len(trainer.eval_indices) == 8
+
+
+def test_chat_template_rows_and_lm_eval_loads_the_run_directory(tiny_run, tmp_path):
+    from lm_eval.api.registry import get_model
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "chat-model"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "model")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        (model_dir / f).write_bytes((tiny_run / "model" / f).read_bytes())
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", model=str(model_dir), template="chat", max_steps=1, k_max=3))
+    out = trainer.run()
+    text = trainer.documents.text(0)
+    assert text.startswith("<user>") and "<assistant>" in text
+    lm = get_model("mtp").create_from_arg_string(f"pretrained={out}", {"device": "cpu"})
+    assert (lm.k, lm.strategy) == (3, "confadapt")  # k defaults to the run's k_max
