@@ -223,3 +223,11 @@ def test_chat_template_rows_and_lm_eval_loads_the_run_directory(tiny_run, tmp_pa
     assert text.startswith("<user>") and "<assistant>" in text
     lm = get_model("mtp").create_from_arg_string(f"pretrained={out}", {"device": "cpu"})
     assert (lm.k, lm.strategy) == (3, "confadapt")  # k defaults to the run's k_max
+
+
+def test_a_token_budget_ends_the_run(tiny_run, tmp_path):
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", max_steps=None, max_tokens=500, save_every=100, eval_every=100))
+    assert trainer.config.max_steps is None
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert lines[-1]["tokens_seen"] >= 500 and lines[-2]["tokens_seen"] < 500
