@@ -76,6 +76,8 @@ def train(
     dtype: Optional[Dtype] = typer.Option(None, help=_help("Compute precision (weights stay float32).", "dtype")),
     device: Optional[str] = typer.Option(None, help=_help("auto, cpu, cuda, cuda:N.", "device")),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help=_help("Recompute layer activations in the backward pass (less memory, more time).", "activation_checkpointing")),
+    shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help=_help("With several processes, FSDP-shard the frozen teacher too (else every rank holds a full copy).", "shard_teacher")),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest complete checkpoint."),
 ) -> None:
     from train_cli.config import build_config

@@ -36,15 +36,23 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any], config: dict[str, Any], keep_last: int
+    output_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
+    weights: dict[str, Any] | None = None,
 ) -> Path:
+    """``weights``: the gathered state dict of a sharded model (None: the model's own)."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     staging = root / f".partial-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(staging)
         (staging / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         torch.save(state, staging / STATE_FILE)
@@ -65,14 +73,14 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def export_model(output_dir: Path, model: Any, tokenizer: Any) -> None:
+def export_model(output_dir: Path, model: Any, tokenizer: Any, weights: dict[str, Any] | None = None) -> None:
     """Write the final HF directory at ``output_dir`` itself (so ``pretrained=OUTPUT_DIR`` works).
 
     Files are written to a staging directory and moved in one by one, ``config.json`` last: until
     it arrives, the directory is not loadable, never half a model that loads."""
     staging = output_dir / ".export-partial"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(staging)
     _fsync_dir(staging)
     (output_dir / "config.json").unlink(missing_ok=True)

@@ -56,6 +56,8 @@ class TrainConfig:
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
     device: str = "auto"  # auto: cuda if available, else cpu
     trust_remote_code: bool = False
+    activation_checkpointing: bool = False  # recompute layer activations in backward (less memory)
+    shard_teacher: bool = False  # with several processes: FSDP-shard the teacher too (else each rank holds it)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -23,7 +23,7 @@ from mtp_plugins.hooks import plugin_manager
 from mtp_plugins.layout import Layout, LayoutGeometry, build_layout
 from mtp_plugins.modeling import attention_for, logits_at
 from mtp_plugins.registry import load_loss
-from train_cli import checkpoints
+from train_cli import checkpoints, distributed
 from train_cli.config import ConfigError, TrainConfig
 from train_cli.data import DataPosition, Documents, Sampler, held_out_indices, load_rows
 
@@ -44,8 +44,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, plugins: tuple[object, ...] = ()) -> None:
         self.config = config
         self.hook = plugin_manager(*plugins).hook
-        self.device = _device(config.device)
+        self.dist = distributed.init(_device(config.device))
+        self.device = _device(config.device, self.dist.local_rank if self.dist.enabled else None)
         self.compute_dtype = _compute_dtype(config.dtype, self.device)
+        # On GPUs with several processes FSDP casts parameters itself; elsewhere autocast does.
+        self.fsdp_casts = self.dist.enabled and self.device.type == "cuda"
+        self.autocast = self.compute_dtype != torch.float32 and not self.fsdp_casts
         self.loss_fn = load_loss(config.loss)()
         self.output_dir = config.output_path
 
@@ -75,6 +79,13 @@ class Trainer:
         self.teacher = None
         if self.loss_fn.needs_teacher:
             self.teacher = self._load_model(c.model, self.compute_dtype).eval().requires_grad_(False)
+        if self.dist.enabled:
+            param_dtype = self.compute_dtype if self.fsdp_casts else None
+            distributed.shard(self.student, param_dtype, c.activation_checkpointing)
+            if self.teacher is not None and c.shard_teacher:
+                distributed.shard(self.teacher, None, False)
+        elif c.activation_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train_rows, held = load_rows(c)
         self.documents = Documents(train_rows, self.tokenizer, c)
         if held is not None:
@@ -92,17 +103,24 @@ class Trainer:
             lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.k_generator = torch.Generator().manual_seed(_stream(c.seed, 1))
+        # k: one stream per rank (each rank draws its own horizon); the grid offset: one stream shared
+        # by all ranks and independent of k (the original coupled the two).
+        self.k_generator = torch.Generator().manual_seed(_stream(c.seed, 1, self.dist.rank))
         self.offset_generator = torch.Generator().manual_seed(_stream(c.seed, 2))
         self.step, self.tokens_seen = 0, 0
         position = DataPosition()
         if resume_from is not None:
             state = checkpoints.load_state(resume_from)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("world_size", 1) != self.dist.world_size:
+                raise ConfigError(
+                    f"--resume: {resume_from} was written by {state.get('world_size', 1)} process(es); "
+                    f"resume it with the same number (this run has {self.dist.world_size})"
+                )
+            distributed.load_optimizer_state(self.student, self.optimizer, state["optimizer"], self.dist)
             self.scheduler.load_state_dict(state["scheduler"])
-            self.k_generator.set_state(state["rng"]["k"])
+            self.k_generator.set_state(state["rng"]["k"][self.dist.rank])
             self.offset_generator.set_state(state["rng"]["offset"])
-            torch.set_rng_state(state["rng"]["torch"])
+            torch.set_rng_state(state["rng"]["torch"][self.dist.rank])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             position = DataPosition(**state["data"])
         self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
@@ -138,7 +156,7 @@ class Trainer:
         columns = layout.supervised_columns.flatten()
         real_columns = layout.real.any(dim=0).nonzero().flatten()
         keep = torch.cat([columns, real_columns]) if c.prefix_loss_weight and train else columns
-        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
             logits = logits_at(
                 self.student, keep, input_ids=layout.input_ids,
                 attention_mask=attention_for(self.student, layout.attention, self.compute_dtype),
@@ -185,11 +203,14 @@ class Trainer:
         start = time.perf_counter()
         k = int(torch.randint(c.k_min, c.k_max + 1, (1,), generator=self.k_generator))
         real_per_region = c.seq_len // c.regions - (k - 1)
-        offset = int(torch.randint(0, real_per_region, (1,), generator=self.offset_generator))
+        offset = int(float(torch.rand(1, generator=self.offset_generator)) * real_per_region)
         self.student.train()
         total, tokens = 0.0, 0
+        rank, world = self.dist.rank, self.dist.world_size
         for _ in range(c.grad_accum):
-            layout = self._layout(self.documents, self.sampler.take(c.micro_batch_size), k, offset)
+            # One global micro-batch per step of the shared data order; each rank takes its share.
+            rows = self.sampler.take(c.micro_batch_size * world)[rank::world]
+            layout = self._layout(self.documents, rows, k, offset)
             result = self.forward(layout, train=True)
             (result.loss / c.grad_accum).backward()
             total += result.loss.item() / c.grad_accum
@@ -200,10 +221,16 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        per_rank = distributed.gather((k, total, tokens), self.dist)
+        tokens = sum(t for _, _, t in per_rank)
         self.tokens_seen += tokens
         seconds = time.perf_counter() - start
-        return {"step": self.step, "k": k, "offset": offset, "loss": total, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": tokens, "tokens_seen": self.tokens_seen, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        metrics = {"step": self.step, "k": k, "offset": offset, "loss": sum(l for _, l, _ in per_rank) / len(per_rank),
+                   "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens_seen": self.tokens_seen,
+                   "seconds": seconds, "tokens_per_s": tokens / seconds}
+        if self.dist.enabled:
+            metrics["k_per_rank"] = [k for k, _, _ in per_rank]
+        return metrics
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -242,20 +269,27 @@ class Trainer:
     def run(self, resume: bool = False) -> Path:
         self.setup(resume)
         c = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.hook.mtp_train_start(config=c.to_dict(), output_dir=str(self.output_dir), start_step=self.step, total_steps=c.max_steps)
+        main = self.dist.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.hook.mtp_train_start(config=c.to_dict(), output_dir=str(self.output_dir), start_step=self.step, total_steps=c.max_steps)
         last: dict[str, Any] = {}
         while not self._done():
             last = self.train_step()
-            if self.step % c.log_every == 0 or self._done():
+            if main and (self.step % c.log_every == 0 or self._done()):
                 self.hook.mtp_step_end(step=self.step, metrics=last)
             if self.eval_indices and (self.step % c.eval_every == 0 or self._done()):
-                self.hook.mtp_validation_end(step=self.step, metrics=self.validate())
+                metrics = self.validate()  # every rank takes part in the sharded forward passes
+                if main:
+                    self.hook.mtp_validation_end(step=self.step, metrics=metrics)
             if self.step % c.save_every == 0 or self._done():
                 self._save()
-        checkpoints.export_model(self.output_dir, self.student, self.tokenizer)
-        summary = {"output_dir": str(self.output_dir), "step": self.step, "tokens_seen": self.tokens_seen, "last": last}
-        self.hook.mtp_train_end(summary=summary)
+        weights = distributed.full_model_state(self.student, self.dist)
+        if main:
+            checkpoints.export_model(self.output_dir, self.student, self.tokenizer, weights)
+            summary = {"output_dir": str(self.output_dir), "step": self.step, "tokens_seen": self.tokens_seen, "last": last}
+            self.hook.mtp_train_end(summary=summary)
+        distributed.barrier(self.dist)
         return self.output_dir
 
     def _done(self) -> bool:
@@ -265,33 +299,45 @@ class Trainer:
         )
 
     def _save(self) -> None:
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.sampler.position.to_dict(),
-            "rng": {"k": self.k_generator.get_state(), "offset": self.offset_generator.get_state(),
-                    "torch": torch.get_rng_state()},
-        }
-        path = checkpoints.save_checkpoint(
-            self.output_dir, self.step, self.student, self.tokenizer, state, self.config.to_dict(), self.config.keep_last
-        )
-        self.hook.mtp_checkpoint_saved(path=str(path), step=self.step)
+        """Gathered checkpoint: rank 0 writes the whole model and optimizer state, every rank's RNG."""
+        weights = distributed.full_model_state(self.student, self.dist)
+        optimizer = distributed.full_optimizer_state(self.student, self.optimizer, self.dist)
+        rngs = distributed.gather((self.k_generator.get_state(), torch.get_rng_state()), self.dist)
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "world_size": self.dist.world_size,
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "data": self.sampler.position.to_dict(),
+                "rng": {"k": [k for k, _ in rngs], "offset": self.offset_generator.get_state(),
+                        "torch": [t for _, t in rngs]},
+            }
+            path = checkpoints.save_checkpoint(
+                self.output_dir, self.step, self.student, self.tokenizer, state, self.config.to_dict(),
+                self.config.keep_last, weights,
+            )
+            self.hook.mtp_checkpoint_saved(path=str(path), step=self.step)
+        distributed.barrier(self.dist)
 
 
-def _stream(seed: int, stream: int) -> int:
+def _stream(seed: int, stream: int, rank: int = 0) -> int:
     """Independent generator seeds from one user seed (k and the offset must not move together)."""
-    return (seed * 0x9E3779B1 + stream * 0x85EBCA77) % (2**63)
+    return (seed * 0x9E3779B1 + stream * 0x85EBCA77 + rank * 0xC2B2AE3D) % (2**63)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device of this process (``cuda`` means this process's GPU under torchrun)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
