@@ -33,7 +33,8 @@ def args(tiny_run, out, *extra):
 
 
 def train(tiny_run, out, *extra, processes=2):
-    command = [TORCHRUN, "--nproc-per-node", str(processes), "--no-python", MTP_TRAIN] if processes > 1 else [MTP_TRAIN]
+    """``processes`` torchrun workers; 0 means a plain process (no torchrun, no process group)."""
+    command = [TORCHRUN, "--nproc-per-node", str(processes), "--no-python", MTP_TRAIN] if processes else [MTP_TRAIN]
     proc = subprocess.run([*command, *args(tiny_run, out, *extra)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -77,9 +78,23 @@ def test_resume_on_two_processes(tiny_run, tmp_path):  # noqa: F811
 def test_one_process_and_two_give_the_same_loss_curve(tiny_run, tmp_path):  # noqa: F811
     # Same global batch (4 rows x 2 micro-batches), fixed k, every region supervised.
     fixed = ("--k-min", "3", "--k-max", "3", "--max-steps", "5", "--save-every", "5", "--eval-every", "5", "--grad-accum", "2")
-    one = train_lines(train(tiny_run, tmp_path / "one", "--micro-batch-size", "4", *fixed, processes=1))
+    one = train_lines(train(tiny_run, tmp_path / "one", "--micro-batch-size", "4", *fixed, processes=0))
     two = train_lines(train(tiny_run, tmp_path / "two", "--micro-batch-size", "2", *fixed))
-    assert [line["offset"] for line in one] == [line["offset"] for line in two]
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=TOLERANCE), (a["step"], a["loss"], b["loss"])
+    # torchrun with one worker is FSDP over one device (what a one-GPU check of the sharded path runs).
+    fsdp_one = train_lines(train(tiny_run, tmp_path / "fsdp-one", "--micro-batch-size", "4", *fixed, processes=1))
+    assert "k_per_rank" not in one[0] and len(two[0]["k_per_rank"]) == 2 and len(fsdp_one[0]["k_per_rank"]) == 1
+    for other in (two, fsdp_one):
+        assert [line["offset"] for line in one] == [line["offset"] for line in other]
+        for a, b in zip(one, other):
+            assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=TOLERANCE), (a["step"], a["loss"], b["loss"])
     assert one[-1]["loss"] != one[0]["loss"]  # the curve moves: the comparison is not of constants
+
+
+def test_resume_refuses_another_launch(tiny_run, tmp_path):  # noqa: F811
+    common = ("--micro-batch-size", "2", "--save-every", "2", "--max-steps", "2")
+    train(tiny_run, tmp_path / "run", *common, processes=0)
+    proc = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "--no-python", MTP_TRAIN, *args(tiny_run, tmp_path / "run"),
+                           *common[:-1], "4", "--resume"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "written by a single plain process" in proc.stderr and "torchrun with 2 process(es)" in proc.stderr, proc.stderr[-2000:]

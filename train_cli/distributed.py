@@ -1,7 +1,8 @@
 """Training on several processes with PyTorch's own machinery: torchrun, torch.distributed, FSDP2.
 
-Nothing here runs in a single process: ``Context.enabled`` is False and no process group is ever
-initialised (saving a checkpoint on one GPU must not need one).
+A plain single process (``mtp-train ...``, ``python -m train_cli ...``) never initialises a process
+group: ``Context.enabled`` is False (saving a checkpoint on one GPU must not need one). A torchrun
+launch always does, even with one process (``--nproc-per-node 1`` then runs FSDP on one device).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
 
+    distributed: bool = False  # a process group exists (torchrun), even of one process
+
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.distributed
 
     @property
     def is_main(self) -> bool:
@@ -30,25 +33,20 @@ class Context:
 
 
 def init(device: torch.device) -> Context:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); otherwise stay single-process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    """Join the process group torchrun describes; a process not started by torchrun stays alone."""
+    if not launched_by_torchrun():
         return Context()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    context = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    context = Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
     if device.type == "cuda":
         torch.cuda.set_device(context.local_rank)
     return context
 
 
-def device_for(name: str, context_local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = torch.device("cuda", context_local_rank)
-    return device
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every worker; a plain process has neither."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:

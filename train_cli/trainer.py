@@ -111,10 +111,14 @@ class Trainer:
         position = DataPosition()
         if resume_from is not None:
             state = checkpoints.load_state(resume_from)
-            if state.get("world_size", 1) != self.dist.world_size:
+            launch = (state.get("world_size", 1), state.get("torchrun", state.get("world_size", 1) > 1))
+            if launch != (self.dist.world_size, self.dist.enabled):
+                def describe(world: int, torchrun: bool) -> str:
+                    return f"torchrun with {world} process(es)" if torchrun else "a single plain process"
+
                 raise ConfigError(
-                    f"--resume: {resume_from} was written by {state.get('world_size', 1)} process(es); "
-                    f"resume it with the same number (this run has {self.dist.world_size})"
+                    f"--resume: {resume_from} was written by {describe(*launch)}; resume it the same way "
+                    f"(this run is {describe(self.dist.world_size, self.dist.enabled)})"
                 )
             distributed.load_optimizer_state(self.student, self.optimizer, state["optimizer"], self.dist)
             self.scheduler.load_state_dict(state["scheduler"])
@@ -230,6 +234,8 @@ class Trainer:
                    "seconds": seconds, "tokens_per_s": tokens / seconds}
         if self.dist.enabled:
             metrics["k_per_rank"] = [k for k, _, _ in per_rank]
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
     @torch.no_grad()
@@ -308,6 +314,7 @@ class Trainer:
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
                 "world_size": self.dist.world_size,
+                "torchrun": self.dist.enabled,
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "data": self.sampler.position.to_dict(),
