@@ -13,3 +13,10 @@ def gsm8k_cot_exemplars() -> list[dict]:
 
     config = load_yaml(Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k-cot.yaml", resolve_func=False)
     return list(config["fewshot_config"]["samples"])
+
+
+def synthetic_gsm(**kwargs):
+    """The offline GSM8K-style problems of ``mtp_plugins.synthetic`` as a DatasetDict (train, test)."""
+    from mtp_plugins import synthetic
+
+    return synthetic.dataset(**{k: v for k, v in kwargs.items() if k in ("train_size", "test_size", "seed")})

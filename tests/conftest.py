@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,8 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mtp-tests-hf-")
 
 import pytest
 import torch
+
+from mtp_plugins import registry
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MTP_SHARED_DIR", REPO.parent / "shared"))
@@ -150,3 +153,26 @@ def tiny_checkpoints(tmp_path_factory, gsm8k_cache):
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture
+def plugin_dist(tmp_path, monkeypatch):
+    """Put a third-party plugin distribution on sys.path (a module and its dist-info), as pip would."""
+
+    modules: list[str] = []
+
+    def install(module: str, module_source: str, entry_points: str, dist: str = "third-party-decoders") -> None:
+        modules.append(module)
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(module_source))
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        registry.refresh()
+
+    yield install
+    monkeypatch.undo()
+    for module in modules:
+        sys.modules.pop(module, None)
+    registry.refresh()

@@ -6,6 +6,7 @@ dataclass default, shown in ``--help``.
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from typing import Optional
@@ -36,6 +37,43 @@ class Dtype(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
     fp16 = "fp16"
+
+
+def print_plugins() -> None:
+    """Every loss, decoder and hook plugin installed, with its distribution, and the broken ones."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mtp_plugins.hooks import HookPluginError, opt_in_names
+    from mtp_plugins.registry import list_plugins, load_plugin
+
+    statuses = list_plugins()
+    opt_in = set(opt_in_names())
+    table = Table(title="mtp-plugins: installed plugins", title_justify="left")
+    for column in ("kind", "name", "distribution", "object", "status"):
+        table.add_column(column, overflow="fold")
+    for status in statuses:
+        e = status.entry
+        state = "ok" if status.ok else "BROKEN: " + status.error.replace(f"{e.kind} {e.origin}: ", "")
+        if status.ok and e.group.endswith("hooks"):
+            state = f"ok, opt-in (--report-to {e.name})" if e.name in opt_in else "ok, always on"
+            try:
+                getattr(load_plugin(e.group, e.name), "require", lambda: None)()
+            except HookPluginError:
+                state += f"; its package is missing (pip install {e.name})"
+        table.add_row(e.kind, e.name, f"{e.distribution} {e.version}", e.value, state)
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=160)  # a log or a pipe: wide rows rather than folded ones
+    console.print(table)
+    broken = sum(not s.ok for s in statuses)
+    console.print(f"{len(statuses)} plugins, {broken} broken" + (" (the others work; fix or uninstall the broken ones)" if broken else ""))
+
+
+def _list_plugins(value: bool) -> None:
+    if value:
+        print_plugins()
+        raise typer.Exit(0)
 
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
@@ -78,38 +116,26 @@ def train(
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help=_help("Recompute layer activations in the backward pass (less memory, more time).", "activation_checkpointing")),
     shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help=_help("With several processes, FSDP-shard the frozen teacher too (else every rank holds a full copy).", "shard_teacher")),
+    report_to: Optional[str] = typer.Option(None, help=_help("Opt-in hook plugins to run, comma-separated: wandb, tensorboard, or an installed plugin's.", "report_to")),
+    list_plugins: bool = typer.Option(False, "--list-plugins", is_eager=True, expose_value=False, callback=_list_plugins,
+                                      help="List every installed loss, decoder and hook plugin (with its distribution), then exit."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest complete checkpoint."),
 ) -> None:
     from train_cli.config import build_config
     from train_cli.trainer import Trainer
 
-    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k not in ("config", "resume", "build_config", "Trainer")}
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k not in ("config", "resume", "list_plugins", "build_config", "Trainer")}
     settings = build_config(config, **flags)
     Trainer(settings).run(resume=resume)
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
-    from mtp_plugins.registry import PluginLoadError, UnknownPluginError
+    from mtp_plugins.console import run_app
+    from mtp_plugins.registry import PluginError
     from train_cli.config import ConfigError
 
-    try:
-        app(standalone_mode=False)
-    except (ConfigError, UnknownPluginError, PluginLoadError) as error:
-        print(f"mtp-train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except KeyboardInterrupt:
-        print("mtp-train: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:  # click's own usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    run_app(app, "mtp-train", (ConfigError, PluginError))
 
 
 if __name__ == "__main__":

@@ -73,8 +73,11 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def export_model(output_dir: Path, model: Any, tokenizer: Any, weights: dict[str, Any] | None = None) -> None:
-    """Write the final HF directory at ``output_dir`` itself (so ``pretrained=OUTPUT_DIR`` works).
+def export_model(
+    output_dir: Path, model: Any, tokenizer: Any, weights: dict[str, Any] | None = None, config: dict[str, Any] | None = None
+) -> None:
+    """Write the final HF directory at ``output_dir`` itself (so ``pretrained=OUTPUT_DIR`` works),
+    with the run's settings as ``train_config.yaml`` (``mtp-sweep`` reads the source model there).
 
     Files are written to a staging directory and moved in one by one, ``config.json`` last: until
     it arrives, the directory is not loadable, never half a model that loads."""
@@ -82,6 +85,8 @@ def export_model(output_dir: Path, model: Any, tokenizer: Any, weights: dict[str
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(staging)
+    if config is not None:
+        (staging / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     _fsync_dir(staging)
     (output_dir / "config.json").unlink(missing_ok=True)
     files = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")

@@ -58,6 +58,7 @@ class TrainConfig:
     trust_remote_code: bool = False
     activation_checkpointing: bool = False  # recompute layer activations in backward (less memory)
     shard_teacher: bool = False  # with several processes: FSDP-shard the teacher too (else each rank holds it)
+    report_to: str = ""  # opt-in hook plugins to run, comma-separated (wandb, tensorboard, or a plugin's)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -155,6 +156,8 @@ def build_config(recipe: str | Path | None = None, **flags: Any) -> TrainConfig:
     """Defaults <- recipe YAML <- flags given on the command line (None means "not given")."""
     settings = load_recipe(recipe) if recipe else {}
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if isinstance(settings.get("report_to"), (list, tuple)):  # YAML may list the names
+        settings["report_to"] = ",".join(map(str, settings["report_to"]))
     if settings.get("max_tokens") is not None and "max_steps" not in settings:
         settings["max_steps"] = None  # a token budget alone governs the run
     try:

@@ -17,7 +17,19 @@ EVAL_SPLITS = ("validation", "test", "eval")
 
 def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
     """The train rows and, where the data has one, a held-out split (else None)."""
-    from datasets import DatasetDict, load_dataset
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    from mtp_plugins import synthetic
+
+    try:
+        size = synthetic.parse_source(config.data)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if size is not None:
+        # Held-out rows are further train-split problems, never the test split the task evaluates.
+        rows = synthetic.problems("train", size + config.eval_rows, config.seed)
+        _check_fields(config, list(rows[0]))
+        return Dataset.from_list(rows[:size]), Dataset.from_list(rows[size:]) if config.eval_rows else None
 
     path = Path(config.data)
     if path.is_dir():  # a local dataset directory reads like a hub name
@@ -43,13 +55,15 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
     if not isinstance(splits, DatasetDict) or "train" not in splits:
         raise ConfigError(f"--data {config.data}: expected a 'train' split, found {list(splits)}")
     held_out = next((splits[name] for name in EVAL_SPLITS if name in splits), None)
-    for name in (config.prompt_field, config.response_field):
-        if name not in splits["train"].column_names:
-            flag = "--prompt-field" if name == config.prompt_field else "--response-field"
-            raise ConfigError(
-                f"{flag} {name!r}: no such field in {config.data}; its fields are {', '.join(splits['train'].column_names)}"
-            )
+    _check_fields(config, splits["train"].column_names)
     return splits["train"], held_out
+
+
+def _check_fields(config: TrainConfig, columns: list[str]) -> None:
+    for name in (config.prompt_field, config.response_field):
+        if name not in columns:
+            flag = "--prompt-field" if name == config.prompt_field else "--response-field"
+            raise ConfigError(f"{flag} {name!r}: no such field in {config.data}; its fields are {', '.join(columns)}")
 
 
 class Documents:

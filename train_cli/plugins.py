@@ -1,5 +1,7 @@
-"""Built-in hook plugins of the trainer, registered through the ``mtp_plugins.hooks`` entry points
-exactly like a third party's: the JSONL metrics file (always) and the console progress display."""
+"""Built-in hook plugins, registered through the ``mtp_plugins.hooks`` entry points exactly like a
+third party's: the JSONL metrics file and the console progress display (always on), and the
+Weights & Biases and TensorBoard loggers (opt-in: ``--report-to wandb,tensorboard``; each needs its
+package installed and never picks an entity or project of its own)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtp_plugins.hooks import hookimpl
+from mtp_plugins.hooks import HookPluginError, hookimpl
 
 
 class MetricsFile:
@@ -93,5 +95,131 @@ class Progress:
         print(f"mtp-train: model written to {summary['output_dir']}", file=sys.stderr)
 
 
+def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numbers of a metrics dict, lists spread per index (``agreement`` -> ``agreement/1``, ...)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[prefix + key] = float(value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            out.update({f"{prefix}{key}/{i + 1}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+def _require(module: str, plugin: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise HookPluginError(
+            f"--report-to {plugin}: the {module.split('.')[0]} package is not installed (pip install {plugin}); "
+            f"leave {plugin} out of --report-to to train without it"
+        ) from None
+
+
+class WandbLogger:
+    """``--report-to wandb``: log train/eval metrics and the lm-eval decode statistics to Weights & Biases.
+
+    The run's entity and project are wandb's own settings (``WANDB_ENTITY``, ``WANDB_PROJECT``, or
+    ``wandb login`` defaults); this plugin never chooses one. The run lives in ``OUTPUT_DIR/wandb``.
+    """
+
+    opt_in = True
+
+    def __init__(self) -> None:
+        self.run: Any = None
+
+    def require(self) -> None:
+        _require("wandb", "wandb")
+
+    @hookimpl
+    def mtp_train_start(self, config: dict[str, Any], output_dir: str, start_step: int, total_steps: int | None) -> None:
+        wandb = _require("wandb", "wandb")
+        self.run = wandb.init(config=config, dir=output_dir, name=Path(output_dir).name, job_type="train", resume="allow")
+
+    @hookimpl
+    def mtp_step_end(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(scalars(metrics, "train/"), step=step)
+
+    @hookimpl
+    def mtp_validation_end(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(scalars(metrics, "eval/"), step=step)
+
+    @hookimpl
+    def mtp_train_end(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary["output_dir"] = summary["output_dir"]
+            self.run.finish()
+            self.run = None
+
+    @hookimpl
+    def mtp_generation_finished(self, summary: dict[str, Any], samples_path: str | None) -> None:
+        wandb = _require("wandb", "wandb")
+        run = wandb.run or wandb.init(job_type="eval", config={"mtp": summary})
+        run.log(scalars(summary, "mtp/"))
+
+
+class TensorBoardLogger:
+    """``--report-to tensorboard``: scalars for TensorBoard in ``OUTPUT_DIR/tensorboard`` (needs the
+    ``tensorboard`` package); after an lm-eval run, beside its per-sample statistics file."""
+
+    opt_in = True
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+
+    def require(self) -> None:
+        _require("tensorboard", "tensorboard")
+
+    def _writer(self, log_dir: Path) -> Any:
+        self.require()
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(log_dir))
+
+    @hookimpl
+    def mtp_train_start(self, config: dict[str, Any], output_dir: str, start_step: int, total_steps: int | None) -> None:
+        self.writer = self._writer(Path(output_dir) / "tensorboard")
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    @hookimpl
+    def mtp_step_end(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self._log(scalars(metrics, "train/"), step)
+
+    @hookimpl
+    def mtp_validation_end(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self._log(scalars(metrics, "eval/"), step)
+
+    @hookimpl
+    def mtp_train_end(self, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @hookimpl
+    def mtp_generation_finished(self, summary: dict[str, Any], samples_path: str | None) -> None:
+        if samples_path is None:
+            print("tensorboard: no --output_path or stats_path, so no place to write the decode statistics", file=sys.stderr)
+            return
+        writer = self._writer(Path(samples_path).parent / "tensorboard")
+        for tag, value in scalars(summary, "mtp/").items():
+            writer.add_scalar(tag, value, 0)
+        writer.close()
+
+
 metrics_file = MetricsFile()
 progress = Progress()
+wandb_logger = WandbLogger()
+tensorboard_logger = TensorBoardLogger()

@@ -43,7 +43,7 @@ class StepResult:
 class Trainer:
     def __init__(self, config: TrainConfig, plugins: tuple[object, ...] = ()) -> None:
         self.config = config
-        self.hook = plugin_manager(*plugins).hook
+        self.hook = plugin_manager(*plugins, report_to=config.report_to).hook
         self.dist = distributed.init(_device(config.device))
         self.device = _device(config.device, self.dist.local_rank if self.dist.enabled else None)
         self.compute_dtype = _compute_dtype(config.dtype, self.device)
@@ -292,7 +292,7 @@ class Trainer:
                 self._save()
         weights = distributed.full_model_state(self.student, self.dist)
         if main:
-            checkpoints.export_model(self.output_dir, self.student, self.tokenizer, weights)
+            checkpoints.export_model(self.output_dir, self.student, self.tokenizer, weights, c.to_dict())
             summary = {"output_dir": str(self.output_dir), "step": self.step, "tokens_seen": self.tokens_seen, "last": last}
             self.hook.mtp_train_end(summary=summary)
         distributed.barrier(self.dist)

@@ -27,6 +27,9 @@ class Proposals:
     valid: torch.Tensor  # [B] long in [1, P]; fewer than P after a rejected draft (masks saw a wrong prefix)
     next_logits: torch.Tensor = field(repr=False)  # [B, V] logits behind proposal 0
     mask_logits: torch.Tensor = field(repr=False)  # [B, P-1, V] logits behind proposals 1..P-1
+    #: Row i of this pass is row ``row_index[i]`` of the ``generate`` batch. Finished rows leave the
+    #: pass, so B shrinks; a decoder with per-row state indexes it with these numbers.
+    row_index: list[int] = field(default_factory=list)
     _confidence: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -46,7 +49,9 @@ class Decoder:
     """Base class of decoding strategies. Subclass it and override ``select``.
 
     Register a subclass under the stevedore namespace ``mtp_plugins.decoders``; the engine builds it
-    per ``generate`` call as ``cls(k=k, tau=tau)``.
+    per ``generate`` call as ``cls(k=k, tau=tau)``, calls ``start`` once, then ``select`` every pass.
+    The protocol is documented in ``docs/plugins.md``; ``api_version`` must equal
+    ``DECODER_API_VERSION``.
     """
 
     api_version: ClassVar[int] = DECODER_API_VERSION
@@ -59,6 +64,10 @@ class Decoder:
     def __init__(self, *, k: int, tau: float) -> None:
         self.k = k
         self.tau = tau
+
+    def start(self, batch_size: int, device: torch.device) -> None:
+        """Called once per ``generate`` call before the first pass; set up per-row state here
+        (indexed by ``Proposals.row_index``). The default keeps none."""
 
     @property
     def num_proposals(self) -> int:

@@ -135,6 +135,7 @@ class _DecodeLoop:
 
     def run(self, rows: list[_Row]) -> int:
         self.active = list(rows)
+        self.decoder.start(len(rows), self.device)
         self.valid = torch.zeros((len(rows), 0), dtype=torch.bool, device=self.device)
         calls = 0
         while self.active:
@@ -209,7 +210,9 @@ class _DecodeLoop:
         tokens = torch.cat([first.view(-1, 1), mask_logits.argmax(dim=-1)], dim=1)  # [B, k]
         # Mask proposals made after a rejected draft continue a wrong prefix: only proposal 0 is valid.
         valid = torch.where(all_verified, tokens.shape[1], 1)
-        return Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits), verified
+        proposals = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits,
+                              row_index=[r.index for r in rows])
+        return proposals, verified
 
     def _advance(self, r: _Row, n_emit: int, n_verified: int, n_valid: int, proposed: list[int]) -> int:
         """Apply one pass's outcome to a row; returns how many of its drafts were rejected."""

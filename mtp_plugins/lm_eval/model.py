@@ -27,7 +27,8 @@ from mtp_plugins.lm_eval.stats import (
     summary_table,
     write_jsonl,
 )
-from mtp_plugins.registry import UnknownPluginError, load_decoder
+from mtp_plugins.hooks import plugin_manager
+from mtp_plugins.registry import PluginError, UnknownPluginError, load_decoder
 
 DEFAULT_K = 8
 
@@ -41,7 +42,10 @@ class MTPLM(HFLM):
 
     Own model_args: ``k`` (default: the checkpoint's trained k_max, else 8), ``tau`` (0.9, in (0, 1]),
     ``strategy`` (a decoder name, default ``confadapt``), ``stats_path`` (the per-sample JSONL;
-    default: beside lm-eval's ``--output_path`` results). Every ``hf`` model_arg works as for ``hf``.
+    default: beside lm-eval's ``--output_path`` results), ``report_to`` (opt-in hook plugins, joined
+    by ``+``, e.g. ``report_to=wandb+tensorboard``). Every ``hf`` model_arg works as for ``hf``.
+    After each batch of generation requests the ``mtp_generation_finished`` hook of every active hook
+    plugin receives the decode statistics.
     """
 
     def __init__(
@@ -51,10 +55,15 @@ class MTPLM(HFLM):
         tau: float = 0.9,
         strategy: str = "confadapt",
         stats_path: str | None = None,
+        report_to: str | None = None,
         trust_remote_code: bool | None = False,
         **kwargs: Any,
     ) -> None:
         decoder_cls = _check_args(k, tau, strategy)
+        try:
+            self._hooks = plugin_manager(report_to=str(report_to).replace("+", ",") if report_to else None).hook
+        except PluginError as error:
+            raise MTPArgumentError(f"model_args report_to={report_to!r} is not allowed: {error}") from None
         super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
         spec = read_mtp_spec(self.model)
         self.k = k if k is not None else (spec.k_max if spec is not None and spec.k_max else DEFAULT_K)
@@ -185,8 +194,10 @@ class MTPLM(HFLM):
             path = default_stats_path(output_path, self._pretrained_name)
         if path is not None:
             write_jsonl(path, self._all_samples)
-        summary_table(self.mtp_summary(), path)
         self._written_stats_path = path
+        summary = self.mtp_summary()
+        summary_table(summary, path)
+        self._hooks.mtp_generation_finished(summary=summary, samples_path=str(path) if path else None)
 
     def mtp_summary(self) -> dict[str, Any]:
         """Aggregate MTP statistics of the generation requests so far (all ranks, on rank 0)."""
