@@ -24,11 +24,14 @@ setup: $(BIN)/.installed
 test: setup
 	$(BIN)/python -m pytest
 
-# The main job for now: the decode engine on SmolLM2-135M-Instruct, side by side with HF generate.
+# The main job: SmolLM2-135M-Instruct (offline) -> distilled MTP model -> accuracy/speed sweep.
+DEMO_OUT ?= mtp-demo
 demo: $(BIN)/.smollm2
-	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.md
+	$(BIN)/mtp-demo --out $(DEMO_OUT)
 
-bench: demo
+# The decode engine on SmolLM2-135M-Instruct, side by side with HF generate.
+bench: $(BIN)/.smollm2
+	$(BIN)/python benchmarks/decode_speed.py --out benchmarks/results/decode_speed.md
 
 clean:
 	rm -rf $(VENV)

@@ -12,7 +12,9 @@ to the test split exactly when a hash of its text says so, and the train split s
     True
 
 ``mtp-train --data synthetic-gsm[:N]`` trains on N train problems (default 20000; fields
-``question`` and ``answer``); the lm-eval task ``synthetic_gsm`` evaluates on the test split.
+``question`` and ``answer``, and ``prompt``/``completion`` laid out exactly as the task prompts:
+``Question: ...\nAnswer:`` then `` answer``, for ``--template completion``); the lm-eval task
+``synthetic_gsm`` evaluates on the test split.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ def problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         if question in seen or in_test_split(question) != want_test:
             continue
         seen.add(question)
-        rows.append({"question": question, "answer": "\n".join(steps) + f"\n#### {final}", "final": final})
+        answer = "\n".join(steps) + f"\n#### {final}"
+        rows.append({"question": question, "answer": answer, "final": final,
+                     "prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}"})
     return rows
 
 

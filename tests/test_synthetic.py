@@ -63,5 +63,5 @@ def test_mtp_train_reads_the_synthetic_source(tmp_path):
     assert train[0] == synthetic.problems("train", 1)[0]
     test = {r["question"] for r in synthetic.problems("test", 500)}
     assert not ({r["question"] for r in train} | {r["question"] for r in held}) & test  # never the task's test split
-    with pytest.raises(ConfigError, match="--prompt-field 'query': no such field in synthetic-gsm:40; its fields are question, answer, final"):
+    with pytest.raises(ConfigError, match="--prompt-field 'query': no such field in synthetic-gsm:40; its fields are question, answer, final, prompt, completion"):
         load_rows(build_config(data="synthetic-gsm:40", output_dir=str(tmp_path)))

@@ -171,7 +171,7 @@ def test_cli_errors_are_one_clear_line(args, message, tiny_run, tmp_path):
     [
         ("k_maxx: 3\n", r"unknown settings 'k_maxx' \(did you mean 'k_max'\?\)"),
         ("seq_len: long\n", r"--seq-len must be int; got 'long'"),
-        ("template: html\n", "--template must be one of plain, chat; got 'html'"),
+        ("template: html\n", "--template must be one of plain, chat, completion; got 'html'"),
         ("- a list\n", "expected a mapping of settings"),
     ],
 )
@@ -231,3 +231,68 @@ def test_a_token_budget_ends_the_run(tiny_run, tmp_path):
     trainer.run()
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert lines[-1]["tokens_seen"] >= 500 and lines[-2]["tokens_seen"] < 500
+
+
+def test_shipped_recipes_load_by_name():
+    from train_cli.config import ConfigError, shipped_recipes
+
+    assert {"smollm2-synthetic", "llama-3.2-1b-metamathqa"} <= set(shipped_recipes())
+    for name in shipped_recipes():
+        config = build_config(name)
+        assert config.k_max >= config.k_min >= 2 and config.seq_len // config.regions >= config.k_max
+    demo = build_config("smollm2-synthetic", max_steps=7)
+    assert demo.data.startswith("synthetic-gsm") and demo.template == "completion" and demo.max_steps == 7
+    with pytest.raises(ConfigError, match="--config no-such-recipe: no such file, and not a shipped recipe .*smollm2-synthetic"):
+        build_config("no-such-recipe")
+
+
+def test_rollouts_are_the_teachers_greedy_answers_and_resume(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtp_plugins import synthetic
+    from train_cli.rollouts import FILE
+
+    out = tmp_path / "out"
+    config = settings(tiny_run, out, data="synthetic-gsm:12", prompt_field="prompt", response_field="completion",
+                      template="completion", rollouts=3, rollout_shots=2, rollout_max_tokens=10, max_steps=2,
+                      eval_every=2, save_every=2, eval_rows=4)
+    Trainer(config).run()
+    lines = [json.loads(line) for line in (out / FILE).read_text().splitlines()]
+    problems = synthetic.problems("train", 12)
+    assert [line["prompt"] for line in lines] == [p["prompt"] for p in problems[2:5]]
+    # Each response is plain greedy decoding of the frozen model after the two worked examples.
+    model = AutoModelForCausalLM.from_pretrained(tiny_run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "model")
+    shots = "".join(p["prompt"] + p["completion"] + "\n\n" for p in problems[:2])
+    for line in lines:
+        ids = tokenizer(shots + line["prompt"], return_tensors="pt").input_ids
+        greedy = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+        assert line["completion"] == text.split("\n\n")[0].split("Question:")[0].rstrip()
+    # A crash mid-file: the torn line is dropped and only the missing answers are generated again.
+    kept = (out / FILE).read_text().splitlines()[:1]
+    (out / FILE).write_text(kept[0] + "\n" + '{"prompt": "Quest')
+    resumed = settings(tiny_run, tmp_path / "again", data="synthetic-gsm:12", prompt_field="prompt", response_field="completion",
+                       template="completion", rollouts=3, rollout_shots=2, rollout_max_tokens=10, max_steps=1, eval_rows=4)
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / FILE).write_text((out / FILE).read_text())
+    Trainer(resumed).run()
+    assert [json.loads(line) for line in (tmp_path / "again" / FILE).read_text().splitlines()] == lines
+
+
+def test_training_only_the_mask_embeddings_keeps_every_other_weight(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = Trainer(settings(tiny_run, tmp_path / "out", trainable="mask-embeddings", mask_tokens=3, lr=1e-2, max_steps=3)).run()
+    original, trained = weights(tiny_run / "model"), weights(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    mask_ids = list(read_mtp_spec(model).mask_token_ids)
+    for name, value in original.items():
+        if value.shape == trained[name].shape:
+            assert torch.equal(value, trained[name]), name
+        else:  # the embedding (and an untied output) grew by the mask rows: the old rows are untouched
+            assert torch.equal(value, trained[name][: value.shape[0]]), name
+    prepared = Trainer(settings(tiny_run, tmp_path / "prepared", mask_tokens=3, max_steps=0)).run()
+    before = weights(prepared)["model.embed_tokens.weight"][mask_ids]
+    assert not torch.equal(before, trained["model.embed_tokens.weight"][mask_ids])  # the mask rows learned

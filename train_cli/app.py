@@ -25,11 +25,17 @@ def _help(text: str, field: str) -> str:
 class Template(str, Enum):
     plain = "plain"
     chat = "chat"
+    completion = "completion"
 
 
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
+
+
+class Trainable(str, Enum):
+    all = "all"
+    mask_embeddings = "mask-embeddings"
 
 
 class Dtype(str, Enum):
@@ -86,7 +92,7 @@ def train(
     data: Optional[str] = typer.Option(None, help=_help("HF dataset id, or a local .jsonl/.json/.parquet file.", "data")),
     prompt_field: Optional[str] = typer.Option(None, help=_help("Field holding the prompt.", "prompt_field")),
     response_field: Optional[str] = typer.Option(None, help=_help("Field holding the response.", "response_field")),
-    template: Optional[Template] = typer.Option(None, help=_help("plain: prompt, blank line, response; chat: the model's chat template.", "template")),
+    template: Optional[Template] = typer.Option(None, help=_help("plain: prompt, blank line, response; chat: the model's chat template; completion: prompt then response as they are.", "template")),
     eval_rows: Optional[int] = typer.Option(None, help=_help("Held-out rows for validation.", "eval_rows")),
     loss: Optional[str] = typer.Option(None, help=_help("Loss strategy by name (hard-label, soft-kl, ground-truth, or a plugin's).", "loss")),
     output_dir: Optional[str] = typer.Option(None, help=_help("Run directory: the final HF model, checkpoints/, metrics.jsonl.", "output_dir")),
@@ -116,6 +122,10 @@ def train(
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help=_help("Recompute layer activations in the backward pass (less memory, more time).", "activation_checkpointing")),
     shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help=_help("With several processes, FSDP-shard the frozen teacher too (else every rank holds a full copy).", "shard_teacher")),
+    trainable: Optional[Trainable] = typer.Option(None, help=_help("all: every weight; mask-embeddings: only the mask tokens' embedding rows (the next-token path stays exactly the original).", "trainable")),
+    rollouts: Optional[int] = typer.Option(None, help=_help("Train on the frozen model's own greedy responses to this many training prompts (0: the data's responses).", "rollouts")),
+    rollout_shots: Optional[int] = typer.Option(None, help=_help("Worked examples (the first training rows) put before each rollout prompt.", "rollout_shots")),
+    rollout_max_tokens: Optional[int] = typer.Option(None, help=_help("Longest rollout response, in tokens.", "rollout_max_tokens")),
     report_to: Optional[str] = typer.Option(None, help=_help("Opt-in hook plugins to run, comma-separated: wandb, tensorboard, or an installed plugin's.", "report_to")),
     list_plugins: bool = typer.Option(False, "--list-plugins", is_eager=True, expose_value=False, callback=_list_plugins,
                                       help="List every installed loss, decoder and hook plugin (with its distribution), then exit."),

@@ -26,7 +26,7 @@ class TrainConfig:
     data: str = DEFAULT_DATA  # HF dataset id, or a local .jsonl/.json/.parquet file
     prompt_field: str = "query"
     response_field: str = "response"
-    template: Literal["plain", "chat"] = "plain"  # plain: prompt, blank line, response; chat: the model's template
+    template: Literal["plain", "chat", "completion"] = "plain"  # plain: prompt, blank line, response; chat: the model's template; completion: prompt then response, as they are
     eval_rows: int = 64  # held-out rows (from a validation/test split if the data has one)
     loss: str = "hard-label"  # a loss registered under mtp_plugins.losses
     output_dir: str = "mtp-out"
@@ -58,19 +58,23 @@ class TrainConfig:
     trust_remote_code: bool = False
     activation_checkpointing: bool = False  # recompute layer activations in backward (less memory)
     shard_teacher: bool = False  # with several processes: FSDP-shard the teacher too (else each rank holds it)
+    trainable: Literal["all", "mask-embeddings"] = "all"  # mask-embeddings: only the mask tokens' rows learn; real tokens compute exactly as before
+    rollouts: int = 0  # >0: train on the teacher's own greedy responses to this many training prompts
+    rollout_shots: int = 0  # worked examples (the first training rows) before each rollout prompt
+    rollout_max_tokens: int = 160  # longest rollout response
     report_to: str = ""  # opt-in hook plugins to run, comma-separated (wandb, tensorboard, or a plugin's)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         positive = ("seq_len", "regions", "k_min", "k_max", "mask_tokens", "micro_batch_size", "grad_accum",
-                    "save_every", "keep_last", "eval_every", "log_every")
+                    "save_every", "keep_last", "eval_every", "log_every", "rollout_max_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("give --max-steps or --max-tokens")
-        for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows"):
+        for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows", "rollouts", "rollout_shots"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
@@ -128,9 +132,21 @@ def _allowed(hint: Any) -> tuple:
     return (hint,)
 
 
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Settings from a recipe YAML: a mapping of TrainConfig field names (dashes allowed)."""
+    """Settings from a recipe YAML (a path, or the name of a recipe shipped in ``train_cli/recipes``):
+    a mapping of TrainConfig field names (dashes allowed)."""
     path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (RECIPES / f"{path.name}.yaml").exists():
+        path = RECIPES / f"{path.name}.yaml"
+    elif not path.exists():
+        raise ConfigError(f"--config {path}: no such file, and not a shipped recipe ({', '.join(shipped_recipes()) or 'none'})")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:

@@ -89,6 +89,8 @@ class Documents:
         if self.config.template == "chat":
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if self.config.template == "completion":
+            return prompt + response
         return f"{prompt}\n\n{response}"
 
     def tokens(self, indices: list[int], limit: int) -> list[list[int]]:

@@ -87,6 +87,8 @@ class Trainer:
         elif c.activation_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train_rows, held = load_rows(c)
+        if c.rollouts:
+            train_rows = self._rollouts(train_rows)
         self.documents = Documents(train_rows, self.tokenizer, c)
         if held is not None:
             self.eval_documents = Documents(held, self.tokenizer, c)
@@ -96,11 +98,16 @@ class Trainer:
             self.eval_documents = self.documents
             self.eval_indices = held_out_indices(len(train_rows), c.eval_rows, c.seed)
             excluded = set(self.eval_indices)
-        decay = [p for p in self.student.parameters() if p.dim() >= 2]
-        rest = [p for p in self.student.parameters() if p.dim() < 2]
+        if c.trainable == "mask-embeddings":
+            self._train_mask_rows_only()
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and c.trainable == "all"]
+        rest = [p for p in params if p.dim() < 2 or c.trainable != "all"]
+        # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop: about
+        # 0.3 s of a 5 s CPU step for 135M parameters. Sharded (DTensor) parameters keep the default.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+            lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), fused=not self.dist.enabled,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # k: one stream per rank (each rank draws its own horizon); the grid offset: one stream shared
@@ -128,6 +135,37 @@ class Trainer:
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             position = DataPosition(**state["data"])
         self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
+
+    def _train_mask_rows_only(self) -> None:
+        """Freeze every weight but the input embedding, and let only the mask tokens' rows move (their
+        gradient is kept, every other row's is zeroed; no weight decay). Real tokens never see a
+        mask token, so their forward pass, and greedy decoding, stay exactly the original model's."""
+        if self.dist.enabled:
+            raise ConfigError("--trainable mask-embeddings runs in one process (a sharded embedding cannot be row-masked here)")
+        embedding = self.student.get_input_embeddings().weight
+        for p in self.student.parameters():
+            p.requires_grad_(p is embedding)
+        rows = torch.zeros(embedding.shape[0], 1, dtype=embedding.dtype, device=embedding.device)
+        rows[list(self.spec.mask_token_ids)] = 1
+        embedding.register_hook(lambda grad: grad * rows)
+
+    def _rollouts(self, rows: Any) -> Any:
+        """The frozen model's own responses (generated once, on rank 0, kept in the run directory)."""
+        from datasets import Dataset
+
+        from train_cli.rollouts import rollout_rows
+
+        if self.dist.enabled and (self.teacher is None or self.config.shard_teacher):
+            raise ConfigError("--rollouts under torchrun needs a replicated teacher (a teacher loss, no --shard-teacher)")
+        if self.dist.is_main:
+            model = self.teacher if self.teacher is not None else self.student
+            rows = rollout_rows(rows, model, self.tokenizer, self.config)
+        distributed.barrier(self.dist)
+        if not self.dist.is_main:
+            from train_cli.rollouts import FILE, _read
+
+            rows = _read(self.output_dir / FILE)[: self.config.rollouts]
+        return Dataset.from_list(rows)
 
     def _resume_point(self, resume: bool) -> Path | None:
         existing = checkpoints.complete_checkpoints(self.output_dir)

@@ -55,7 +55,9 @@ def plan(taus: list[float], static_ks: list[int], k: int, include_hf: bool = Tru
     return points
 
 
-def _numbers(text: str, kind: type, flag: str) -> list:
+def _numbers(text: str, kind: type, flag: str, allow_empty: bool = False) -> list:
+    if allow_empty and text.strip().lower() in ("", "none"):
+        return []
     try:
         values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -95,16 +97,14 @@ def _answers(results: dict[str, Any], task: str, metric: str) -> dict[str, str]:
     return out
 
 
-def _responses(results: dict[str, Any], task: str) -> list[str]:
-    seen, texts = set(), []
+def _responses(results: dict[str, Any], task: str) -> dict[str, str]:
+    """doc_id -> the generated text (before any filter)."""
+    texts: dict[str, str] = {}
     for sample in results["samples"][task]:
-        if sample["doc_id"] in seen:
-            continue
-        seen.add(sample["doc_id"])
         resps = sample["resps"]
         while isinstance(resps, list):
             resps = resps[0] if resps else ""
-        texts.append(str(resps))
+        texts.setdefault(str(sample["doc_id"]), str(resps))
     return texts
 
 
@@ -188,13 +188,14 @@ class Sweep:
         results = lm_eval.simple_evaluate(model=lm, tasks=[self.task], limit=self.limit, log_samples=True,
                                           task_manager=manager, **kwargs)
         metric, value, stderr = _metric(results, self.task)
-        tokens = sum(len(self._tokenizer(text, add_special_tokens=False).input_ids) for text in _responses(results, self.task))
+        responses = _responses(results, self.task)
+        tokens = sum(len(self._tokenizer(text, add_special_tokens=False).input_ids) for text in responses.values())
         mtp = lm.mtp_summary() if point.backend == "mtp" else None
         return {
             "point": asdict(point), "settings": self.settings(), "metric": metric, "accuracy": value, "stderr": stderr,
             "eff_k": mtp["eff_k"] if mtp else 1.0, "generation_seconds": seconds[0], "tokens": tokens,
             "tokens_per_second": tokens / seconds[0] if seconds[0] else 0.0, "answers": _answers(results, self.task, metric),
-            "mtp": mtp,
+            "responses": responses, "mtp": mtp,
         }
 
     def run(self, points: list[Point], say: Any = print) -> list[dict[str, Any]]:
@@ -329,7 +330,7 @@ def sweep(
     original: Optional[str] = typer.Option(None, help="The original model for the hf row [default: the run's source model, else MODEL]."),
     limit: Optional[int] = typer.Option(None, help="Documents per point (lm-eval --limit)."),
     taus: str = typer.Option(DEFAULT_TAUS, help="ConfAdapt thresholds, comma-separated."),
-    static: str = typer.Option(DEFAULT_STATIC, help="Static k values, comma-separated."),
+    static: str = typer.Option(DEFAULT_STATIC, help="Static k values, comma-separated ('none' for no static points)."),
     k: Optional[int] = typer.Option(None, help="k for confadapt [default: the checkpoint's k_max, else 8]."),
     batch_size: int = typer.Option(1, help="Generation batch size."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
@@ -341,7 +342,7 @@ def sweep(
     tau_values = _numbers(taus, float, "--taus")
     if any(not 0 < t <= 1 for t in tau_values):
         raise SweepError(f"--taus {taus!r}: every tau must be in (0, 1]")
-    static_ks = _numbers(static, int, "--static")
+    static_ks = _numbers(static, int, "--static", allow_empty=True)
     if any(s < 1 for s in static_ks):
         raise SweepError(f"--static {static!r}: every k must be >= 1")
     if dtype not in ("bfloat16", "float32", "float16"):
