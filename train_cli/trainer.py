@@ -87,7 +87,7 @@ class Trainer:
         elif c.activation_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         train_rows, held = load_rows(c)
-        if c.rollouts:
+        if c.rollouts and c.max_steps != 0:  # nothing is trained at --max-steps 0: no data needed
             train_rows = self._rollouts(train_rows)
         self.documents = Documents(train_rows, self.tokenizer, c)
         if held is not None:

@@ -236,14 +236,15 @@ def report(records: list[dict[str, Any]], sweep: Sweep, command: str) -> str:
     ]
     for r in records:
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}" if not math.isnan(r["stderr"]) else f"{100 * r['accuracy']:.1f}"
-        vs_hf = f"{hf['generation_seconds'] / r['generation_seconds']:.2f}x" if hf and r["generation_seconds"] else "-"
-        vs_ar = f"{ar['generation_seconds'] / r['generation_seconds']:.2f}x" if ar and r["generation_seconds"] else "-"
+        vs_hf = f"{r['tokens_per_second'] / hf['tokens_per_second']:.2f}x" if hf and hf["tokens_per_second"] else "-"
+        vs_ar = f"{r['tokens_per_second'] / ar['tokens_per_second']:.2f}x" if ar and ar["tokens_per_second"] else "-"
         eq_ar = "{}/{}".format(*agreement(r["answers"], ar["answers"])) if ar else "-"
         eq_hf = "{}/{}".format(*agreement(r["answers"], hf["answers"])) if hf else "-"
         lines.append(f"| {r['point']['name']} | {acc} | {r['eff_k']:.2f} | {r['tokens_per_second']:.1f} | {vs_hf} | {vs_ar} | {eq_ar} | {eq_hf} |")
     lines += [
         "",
-        "Speedups are ratios of generation wall time on the same documents and prompts in this one process.",
+        "Speedup = generated tokens per second of generation wall time, relative to the `hf` (or `ar`) row, on the same "
+        "documents and prompts in this one process (responses may differ in length, so throughput is compared, not total time).",
         "Eff. k = tokens emitted / forward passes (1 for `hf` and `ar`). `answers = ar`: final answers (after the "
         "metric's filter) equal to the same checkpoint's `ar` answers; `answers = hf`: equal to the original model's.",
     ]
@@ -274,7 +275,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
         left.errorbar(effk, acc, yerr=err, color=color, marker=marker, linestyle="-" if len(rows) > 1 else "none",
                       capsize=3, label=f"this run: {group}")
         if hf:
-            speed = [hf["generation_seconds"] / r["generation_seconds"] for r in rows]
+            speed = [r["tokens_per_second"] / hf["tokens_per_second"] for r in rows]
             right.errorbar(speed, acc, yerr=err, color=color, marker=marker, linestyle="-" if len(rows) > 1 else "none",
                            capsize=3, label=group)
         for r, x, y in zip(rows, effk, acc):
@@ -291,7 +292,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     left.set_title("accuracy vs tokens per pass")
     left.grid(alpha=0.3)
     left.legend(fontsize=7, loc="best")
-    right.set_xlabel("wall-clock speedup vs hf generate (this machine)")
+    right.set_xlabel("speedup vs hf generate: tokens/s ratio (this machine)")
     right.set_ylabel("accuracy (%)")
     right.set_title("accuracy vs measured speedup")
     right.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
