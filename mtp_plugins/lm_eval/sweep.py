@@ -261,27 +261,30 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     by_name = {r["point"]["name"]: r for r in records}
-    hf = by_name.get("hf")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    hf, ar = by_name.get("hf"), by_name.get("ar")
+    fig, (left, right, agree) = plt.subplots(1, 3, figsize=(17, 4.8), constrained_layout=True)
     styles = {"hf": ("black", "s"), "ar": ("tab:blue", "o"), "static": ("tab:orange", "^"), "confadapt": ("tab:green", "D")}
     for group in ("hf", "ar", "static", "confadapt"):
-        rows = [r for r in records if (r["point"]["strategy"] or "hf") == group]
+        rows = sorted((r for r in records if (r["point"]["strategy"] or "hf") == group), key=lambda r: r["eff_k"])
         if not rows:
             continue
         color, marker = styles[group]
+        line = "-" if len(rows) > 1 else "none"
         acc = [100 * r["accuracy"] for r in rows]
         err = [0 if math.isnan(r["stderr"]) else 100 * r["stderr"] for r in rows]
         effk = [r["eff_k"] for r in rows]
-        left.errorbar(effk, acc, yerr=err, color=color, marker=marker, linestyle="-" if len(rows) > 1 else "none",
-                      capsize=3, label=f"this run: {group}")
+        left.errorbar(effk, acc, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=f"this run: {group}")
         if hf:
             speed = [r["tokens_per_second"] / hf["tokens_per_second"] for r in rows]
-            right.errorbar(speed, acc, yerr=err, color=color, marker=marker, linestyle="-" if len(rows) > 1 else "none",
-                           capsize=3, label=group)
-        for r, x, y in zip(rows, effk, acc):
-            if r["point"]["strategy"] in ("confadapt", "static"):
-                label = f"τ {r['point']['tau']:g}" if r["point"]["strategy"] == "confadapt" else f"k {r['point']['k']}"
-                left.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color=color)
+            order = sorted(range(len(rows)), key=lambda i: speed[i])
+            right.errorbar([speed[i] for i in order], [acc[i] for i in order], yerr=[err[i] for i in order], color=color,
+                           marker=marker, linestyle=line, capsize=3, label=group)
+        if ar and group in ("static", "confadapt"):
+            same = [100 * agreement(r["answers"], ar["answers"])[0] / max(1, agreement(r["answers"], ar["answers"])[1]) for r in rows]
+            agree.plot(effk, same, color=color, marker=marker, linestyle=line, label=group)
+            for i, (r, x, y) in enumerate(zip(rows, effk, same)):
+                label = f"τ {r['point']['tau']:g}" if group == "confadapt" else f"k {r['point']['k']}"
+                agree.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -10), fontsize=8, color=color)
     paper_styles = {"untouched ar": ("gray", "s"), "MTP ar": ("gray", "o"), "MTP confadapt": ("gray", "D"), "MTP static": ("gray", "^")}
     for name, pts in PAPER_8B.items():
         color, marker = paper_styles[name]
@@ -299,6 +302,14 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     right.grid(alpha=0.3)
     if hf:
         right.legend(fontsize=8, loc="best")
+    agree.set_xlabel("Eff. k (tokens per forward pass)")
+    agree.set_ylabel("final answers equal to ar (%)")
+    agree.set_title("faithfulness to the checkpoint's own greedy answers")
+    agree.set_ylim(-5, 105)
+    agree.axhline(90, color="gray", linewidth=0.8, linestyle="--")
+    agree.grid(alpha=0.3)
+    if ar:
+        agree.legend(fontsize=8, loc="best")
     fig.suptitle(f"{records[0]['settings']['task']}: {Path(records[0]['settings']['model']).name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.png")
