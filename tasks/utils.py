@@ -19,4 +19,4 @@ def synthetic_gsm(**kwargs):
     """The offline GSM8K-style problems of ``mtp_plugins.synthetic`` as a DatasetDict (train, test)."""
     from mtp_plugins import synthetic
 
-    return synthetic.dataset(**{k: v for k, v in kwargs.items() if k in ("train_size", "test_size", "seed")})
+    return synthetic.dataset(**kwargs)  # it takes train_size, test_size, seed and ignores lm-eval's other metadata

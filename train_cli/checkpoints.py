@@ -9,6 +9,7 @@ the student as an ordinary HF directory (safetensors, tokenizer, ``mtp`` block) 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,3 +107,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def complete_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file written line by line, up to the first line a crash cut short
+    (none if the file does not exist)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records

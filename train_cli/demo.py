@@ -58,9 +58,10 @@ def _summary(after: Path, before: Path) -> str:
     if not (a and b and ar):
         return ""
 
+    from mtp_plugins.lm_eval.sweep import agreement
+
     def same(x: dict, y: dict) -> str:
-        shared = sorted(set(x["answers"]) & set(y["answers"]))
-        return f"{sum(x['answers'][d] == y['answers'][d] for d in shared)}/{len(shared)}"
+        return "{}/{}".format(*agreement(x["answers"], y["answers"]))
 
     lines = [
         f"ConfAdapt tau 0.9 Eff. k: undistilled {b['eff_k']:.2f} -> distilled {a['eff_k']:.2f}",

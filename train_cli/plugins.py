@@ -23,16 +23,11 @@ class MetricsFile:
     @hookimpl
     def mtp_train_start(self, config: dict[str, Any], output_dir: str, start_step: int, total_steps: int | None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
-        kept = []
-        if start_step > 0 and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a line cut short by a crash ends the usable file
+        from train_cli.checkpoints import complete_jsonl
+
+        kept = [r for r in complete_jsonl(self.path) if r.get("step", 0) <= start_step] if start_step > 0 else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.path is not None:

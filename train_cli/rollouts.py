@@ -19,22 +19,11 @@ from typing import Any
 
 import torch
 
+from train_cli.checkpoints import complete_jsonl
 from train_cli.config import ConfigError, TrainConfig
 
 FILE = "rollouts.jsonl"
 STOPS = ["\n\n", "Question:"]
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    done = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            done.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash ends the usable file
-    return done
 
 
 def _shots(rows: Any, config: TrainConfig) -> str:
@@ -55,7 +44,7 @@ def rollout_rows(rows: Any, model: Any, tokenizer: Any, config: TrainConfig, bat
     if wanted < 1:
         raise ConfigError(f"--rollouts {config.rollouts}: the data has {len(rows)} rows, {first} of them used as examples")
     path = Path(config.output_dir) / FILE
-    done = _read(path)[:wanted]
+    done = complete_jsonl(path)[:wanted]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in done), encoding="utf-8")  # drop a torn tail
     shots = _shots(rows, config)
@@ -81,4 +70,4 @@ def rollout_rows(rows: Any, model: Any, tokenizer: Any, config: TrainConfig, bat
                 print(f"rollouts: {min(start + batch_size, wanted)}/{wanted}", flush=True)
     finally:
         tokenizer.padding_side = side
-    return _read(path)[:wanted]
+    return complete_jsonl(path)[:wanted]

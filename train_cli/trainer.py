@@ -162,9 +162,9 @@ class Trainer:
             rows = rollout_rows(rows, model, self.tokenizer, self.config)
         distributed.barrier(self.dist)
         if not self.dist.is_main:
-            from train_cli.rollouts import FILE, _read
+            from train_cli.rollouts import FILE
 
-            rows = _read(self.output_dir / FILE)[: self.config.rollouts]
+            rows = checkpoints.complete_jsonl(self.output_dir / FILE)[: self.config.rollouts]
         return Dataset.from_list(rows)
 
     def _resume_point(self, resume: bool) -> Path | None:

@@ -139,19 +139,16 @@ class Sweep:
         return record
 
     def _load(self, which: str) -> Any:
-        if which not in self._models:
+        """The model of a backend, loaded once per path (hf and mtp share it when the paths agree)."""
+        path = self.model_path if which == "mtp" else self.original_path
+        if path not in self._models:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            path = self.model_path if which == "mtp" else self.original_path
-            if which == "hf" and self.original_path == self.model_path and "mtp" in self._models:
-                self._models[which] = self._models["mtp"]
-            else:
-                self._models[which] = AutoModelForCausalLM.from_pretrained(
-                    path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+            self._models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
             if self._tokenizer is None:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return self._models[which]
+        return self._models[path]
 
     def run_point(self, point: Point) -> dict[str, Any]:
         import lm_eval
@@ -280,7 +277,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
             right.errorbar([speed[i] for i in order], [acc[i] for i in order], yerr=[err[i] for i in order], color=color,
                            marker=marker, linestyle=line, capsize=3, label=group)
         if ar and group in ("static", "confadapt"):
-            same = [100 * agreement(r["answers"], ar["answers"])[0] / max(1, agreement(r["answers"], ar["answers"])[1]) for r in rows]
+            same = [100 * equal / max(1, shared) for equal, shared in (agreement(r["answers"], ar["answers"]) for r in rows)]
             agree.plot(effk, same, color=color, marker=marker, linestyle=line, label=group)
             for i, (r, x, y) in enumerate(zip(rows, effk, same)):
                 label = f"τ {r['point']['tau']:g}" if group == "confadapt" else f"k {r['point']['k']}"
