@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
+# Llama-3.2-1B's published shape (config.json of meta-llama/Llama-3.2-1B), for the GPU scripts (no hub
+# there: random weights), and a tiny model of the same family to check those scripts on a CPU.
+LLAMA_3_2_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,
+    tie_word_embeddings=True, rms_norm_eps=1e-5,
+)
+TINY = dict(LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)
+
 
 def gsm8k_prompts(directory: Path, n: int, shots: int) -> list[str]:
     """``n`` test questions, each after ``shots`` worked train examples (lm-eval's gsm8k format)."""

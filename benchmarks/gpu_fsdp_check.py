@@ -24,17 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-# Llama-3.2-1B's published shape (config.json of meta-llama/Llama-3.2-1B).
-LLAMA_3_2_1B = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0,
-    tie_word_embeddings=True, rms_norm_eps=1e-5,
-)
-
-
-TINY = dict(LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024)
+from common import LLAMA_3_2_1B, TINY
 
 
 def prepare(root: Path, shape: dict) -> tuple[Path, Path]:

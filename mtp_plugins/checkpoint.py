@@ -12,8 +12,13 @@ the trainer used is what inference uses: nobody passes a mask id by hand.
 
 from __future__ import annotations
 
+import logging
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +26,13 @@ import torch
 FORMAT_VERSION = 1
 CONFIG_KEY = "mtp"
 MASK_TOKEN = "<|mtp_mask|>"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+log = logging.getLogger("mtp_plugins")
+
+
+class CheckpointError(ValueError):
+    """A model that cannot be loaded (safely); the message names it, says why and what to do."""
 
 
 def mask_token_names(num_tokens: int) -> list[str]:
@@ -68,10 +80,10 @@ class MTPSpec:
     @classmethod
     def from_dict(cls, block: Any) -> MTPSpec:
         if not isinstance(block, dict):
-            raise ValueError(f"config.{CONFIG_KEY} must be a mapping, got {type(block).__name__}")
+            raise CheckpointError(f"config.{CONFIG_KEY} must be a mapping, got {type(block).__name__}")
         version = block.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise CheckpointError(
                 f"config.{CONFIG_KEY}.format_version is {version!r}; this version of mtp-plugins "
                 f"reads format {FORMAT_VERSION}"
             )
@@ -81,12 +93,12 @@ class MTPSpec:
             or not ids
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
         ):
-            raise ValueError(
+            raise CheckpointError(
                 f"config.{CONFIG_KEY}.mask_token_ids must be a non-empty list of token ids, got {ids!r}"
             )
         k_max = block.get("k_max")
         if k_max is not None and (not isinstance(k_max, int) or k_max < 1):
-            raise ValueError(f"config.{CONFIG_KEY}.k_max must be a positive int or null, got {k_max!r}")
+            raise CheckpointError(f"config.{CONFIG_KEY}.k_max must be a positive int or null, got {k_max!r}")
         return cls(mask_token_ids=tuple(ids), k_max=k_max, format_version=version)
 
 
@@ -95,18 +107,24 @@ def _config_of(model_or_config: Any) -> Any:
 
 
 def read_mtp_spec(model_or_config: Any) -> MTPSpec | None:
-    """The checkpoint's MTP facts, or None for a model without mask tokens."""
-    block = getattr(_config_of(model_or_config), CONFIG_KEY, None)
+    """The checkpoint's MTP facts, or None for a model without mask tokens (CheckpointError for a
+    malformed ``mtp`` block or mask ids outside the vocabulary, naming the checkpoint's path)."""
+    config = _config_of(model_or_config)
+    block = getattr(config, CONFIG_KEY, None)
     if block is None:
         return None
-    spec = MTPSpec.from_dict(block)
-    vocab = getattr(_config_of(model_or_config), "vocab_size", None)
+    where = f"{config._name_or_path}: " if getattr(config, "_name_or_path", "") else ""
+    try:
+        spec = MTPSpec.from_dict(block)
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}{error}") from None
+    vocab = getattr(config, "vocab_size", None)
     if vocab is None and hasattr(model_or_config, "get_input_embeddings"):
         vocab = model_or_config.get_input_embeddings().weight.shape[0]
     if vocab is not None and max(spec.mask_token_ids) >= vocab:
-        raise ValueError(
-            f"config.{CONFIG_KEY}.mask_token_ids {list(spec.mask_token_ids)} lie outside the "
-            f"vocabulary (size {vocab})"
+        raise CheckpointError(
+            f"{where}config.{CONFIG_KEY}.mask_token_ids {list(spec.mask_token_ids)} lie outside the "
+            f"vocabulary: token ids must be < {vocab} (its vocab_size)"
         )
     return spec
 
@@ -172,6 +190,60 @@ def _set_rows_to_mean(module: torch.nn.Module, ids: list[int], real_rows: int) -
         bias[ids] = bias[:real_rows].float().mean().to(bias.dtype)
 
 
+def weights_source(
+    name_or_path: str | PathLike[str], *, allow_pickle: bool = False, opt_in: str = "allow_pickle=True"
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read the weights from safetensors only.
+
+    A local directory must hold a weights file. Unpickling a ``pytorch_model.bin`` can run arbitrary
+    code, so weights that exist only as pickle files are refused (CheckpointError; ``opt_in`` says
+    how the caller's user allows them) unless ``allow_pickle``, which loads them with a warning.
+    """
+    path = Path(name_or_path)
+    files = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in files):
+        return {"use_safetensors": True}
+    pickles = sorted(files.intersection(PICKLE_WEIGHTS))
+    if path.is_dir() and not pickles:
+        raise CheckpointError(
+            f"cannot load {name_or_path}: it has no weights file (model.safetensors, or the shards that "
+            "model.safetensors.index.json lists)"
+        )
+    if not allow_pickle:
+        if pickles:
+            raise CheckpointError(
+                f"cannot load {name_or_path}: its weights are only pickle files ({', '.join(pickles)}), and "
+                "unpickling can run arbitrary code; convert them to safetensors (load the model with "
+                "from_pretrained(..., use_safetensors=False) where you trust it, then save_pretrained), "
+                f"or allow pickle weights with {opt_in}"
+            )
+        return {"use_safetensors": True}
+    log.warning(  # pickle files here, or a hub model that may have only those
+        "mtp-plugins: %s: pickle weights are allowed (%s); unpickling can run arbitrary code, so load "
+        "only files you trust", name_or_path, opt_in,
+    )
+    return {"use_safetensors": None}  # transformers' default: safetensors where present, else pickle
+
+
+@contextmanager
+def loading(name_or_path: str | PathLike[str]) -> Iterator[None]:
+    """Turn the errors of loading a model or tokenizer into one CheckpointError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"cannot load {name_or_path}: a safetensors weights file is corrupt or incomplete ({error})"
+        ) from None
+    except (OSError, pickle.UnpicklingError) as error:
+        path = Path(name_or_path)
+        if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
+            raise CheckpointError(f"cannot load {name_or_path}: no such directory") from None
+        text = str(error).strip()
+        raise CheckpointError(f"cannot load {name_or_path}: {text.splitlines()[0] if text else type(error).__name__}") from None
+
+
 def load_checkpoint(
     name_or_path: str | PathLike[str],
     *,
@@ -179,18 +251,22 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any, MTPSpec | None]:
     """Load a model (hub id or local directory), its tokenizer and its MTP spec (None if absent).
 
-    Weights are read from safetensors only; remote code runs only when asked for.
+    Weights are read from safetensors only unless ``allow_pickle`` (see ``weights_source``); remote
+    code runs only when asked for. Any failure is a CheckpointError naming the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype if dtype is not None else "auto", use_safetensors=True, **kwargs
-    )
+    source = weights_source(name_or_path, allow_pickle=allow_pickle)
+    with loading(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype if dtype is not None else "auto", **source, **kwargs
+        )
     if device is not None:
         model.to(device)
     model.eval()

@@ -15,7 +15,8 @@ def run_app(app: Any, program: str, user_errors: tuple[type[BaseException], ...]
     # Typer >= 0.24 vendors click: its usage errors derive from its own copy of ClickException.
     usage_errors = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, Typer returns the status of a ``typer.Exit`` (Ctrl-C becomes 130).
+        status = app(standalone_mode=False)
     except user_errors as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -27,3 +28,7 @@ def run_app(app: Any, program: str, user_errors: tuple[type[BaseException], ...]
     except usage_errors as error:
         error.show()
         sys.exit(error.exit_code)
+    if status == 130:
+        print(f"{program}: {interrupted}", file=sys.stderr)
+    if isinstance(status, int) and status:
+        sys.exit(status)

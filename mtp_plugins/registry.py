@@ -36,6 +36,11 @@ GROUPS = (LOSSES, DECODERS, HOOKS)
 _KIND = {DECODERS: "decoder", LOSSES: "loss", HOOKS: "hook plugin"}
 log = logging.getLogger("mtp_plugins")
 
+# stevedore would also keep its entry-point scan in ~/.cache/python-entrypoints; we scan the metadata
+# ourselves (``entries``) anyway, and write nothing outside the output directory and the HF cache.
+if hasattr(getattr(_stevedore_cache, "_c", None), "_disable_caching"):
+    _stevedore_cache._c._disable_caching = True
+
 
 class PluginError(Exception):
     """Base of the registry's errors; the CLIs print its message as one line."""

@@ -98,7 +98,8 @@ def test_pooled_eff_k_is_tokens_over_row_passes():
     free = generate(model, ids, strategy="ar", max_new_tokens=25, eos_token_id=[]).sequences[:, 3:].tolist()
     eos = free[1][9]
     model.calls.clear()
-    out = generate(model, ids, strategy="confadapt", k=5, tau=0.9, max_new_tokens=25, eos_token_id=eos, pad_token_id=0)
+    out = generate(model, ids, strategy="confadapt", k=5, tau=0.9, max_new_tokens=25, eos_token_id=eos, pad_token_id=0,
+                   mask_slots=4)
     row_passes = sum(block.shape[0] for block in model.calls)
     tokens = 0
     for row in out.sequences[:, 3:].tolist():

@@ -33,7 +33,9 @@ def test_ar_follows_the_rule_with_left_padding():
 @pytest.mark.parametrize("wrong_every", [0, 2, 3, 5])
 def test_verify_is_exact_and_accelerates(k, wrong_every):
     model = ToyMTP(wrong_every=wrong_every)
-    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="verify", k=k, max_new_tokens=MAX_NEW)
+    # The paper's width (every slot, every pass) and mask drafts only, so the pattern is known.
+    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="verify", k=k, max_new_tokens=MAX_NEW,
+                   mask_slots=k - 1, draft_lookup=0)
     assert generated(out) == expected_greedy(model)
     # Drafts that verify are emitted: with no wrong slot, every pass after the first emits k tokens.
     if wrong_every == 0:
@@ -47,7 +49,8 @@ def test_verify_is_exact_and_accelerates(k, wrong_every):
 def test_confadapt_emits_only_confident_runs(k):
     # Wrong slots come with low confidence, so tau 0.9 never emits one: output == greedy, Eff. k > 1.
     model = ToyMTP(wrong_every=3, calibrated=True)
-    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="confadapt", k=k, tau=0.9, max_new_tokens=MAX_NEW)
+    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="confadapt", k=k, tau=0.9, max_new_tokens=MAX_NEW,
+                   mask_slots=k - 1)
     assert generated(out) == expected_greedy(model)
     assert out.stats.eff_k > 1.3
     # Rows accept different counts in the same pass (ragged acceptance).
@@ -58,7 +61,8 @@ def test_confadapt_emits_only_confident_runs(k):
 def test_confadapt_trusts_overconfident_wrong_slots():
     # The same wrong slots at full confidence are emitted, so the output departs from greedy.
     model = ToyMTP(wrong_every=3, calibrated=False)
-    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="confadapt", k=4, tau=0.9, max_new_tokens=MAX_NEW)
+    out = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="confadapt", k=4, tau=0.9, max_new_tokens=MAX_NEW,
+                   mask_slots=3)
     assert generated(out) != expected_greedy(model)
 
 

@@ -57,7 +57,7 @@ def test_literal_cli_run_writes_results_and_mtp_statistics(tiny_checkpoints, tmp
     assert all(sum(r["tokens_per_pass"]) == r["tokens"] and r["forward_passes"] >= 1 for r in records)
 
 
-@pytest.mark.parametrize("mtp_args", ["strategy=ar", "strategy=verify,k=4"])
+@pytest.mark.parametrize("mtp_args", ["strategy=ar", "strategy=verify,k=4", "strategy=verify,k=4,mask_slots=3,draft_lookup=0"])
 def test_mtp_generates_the_same_text_as_hf(mtp_args, tiny_checkpoints):
     ckpt = tiny_checkpoints["mtp"]
     hf = evaluate("hf", f"pretrained={ckpt}", ["gsm8k"], limit=4, batch_size=2, gen_kwargs=GEN)
@@ -150,6 +150,24 @@ def test_mtp_strategies_need_a_mask_token(tiny_checkpoints):
         get_model("mtp").create_from_arg_string(f"pretrained={plain}", {"device": "cpu"})
     lm = get_model("mtp").create_from_arg_string(f"pretrained={plain},strategy=ar", {"device": "cpu"})
     assert lm.k == 8 and lm.strategy == "ar"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("k=4,mask_slots=4", r"model_args mask_slots=4 is not allowed: use auto or an integer in \[0, 3\] \(k-1 for k=4\)"),
+        ("strategy=ar,mask_slots=1", r"mask_slots=1 is not allowed: use auto or an integer in \[0, 0\]"),
+        ("mask_slots=some", r"mask_slots='some' is not allowed"),
+        ("draft_lookup=-1", r"model_args draft_lookup=-1 is not allowed: use an integer >= 0 \(0 turns it off\)"),
+    ],
+)
+def test_bad_width_args_name_what_is_allowed(args, message, tiny_checkpoints):
+    from lm_eval.api.registry import get_model
+
+    from mtp_plugins.lm_eval.model import MTPArgumentError
+
+    with pytest.raises(MTPArgumentError, match=message):
+        get_model("mtp").create_from_arg_string(f"pretrained={tiny_checkpoints['mtp']},{args}", {"device": "cpu"})
 
 
 def test_bad_model_args_exit_non_zero_on_the_cli(tiny_checkpoints):

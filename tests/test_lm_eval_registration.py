@@ -4,6 +4,8 @@ wheel install next to the editable one the test suite runs in."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +110,55 @@ def test_the_shim_never_raises(tmp_path):
     proc = python("import lm_eval.api.registry as r; print(r.VALUE)", env={"PYTHONPATH": str(root)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "42"
+
+
+@pytest.mark.parametrize(
+    "startup_source",
+    ["raise RuntimeError('broken startup')\n", "def broken(:\n", "import no_such_module_anywhere\n", None],
+    ids=["raises", "syntax-error", "import-error", "missing"],
+)
+def test_the_bootstrap_never_raises_when_its_target_fails(startup_source, tmp_path):
+    # A stand-in mtp_plugins first on sys.path, whose _startup.py fails (or is missing); its
+    # __init__ raises too, so importing the package would show.
+    package = tmp_path / "mtp_plugins"
+    (package / "lm_eval").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('the bootstrap imported the package')\n")
+    if startup_source is not None:
+        (package / "lm_eval" / "_startup.py").write_text(startup_source)
+    proc = python(
+        """
+        import sys
+        print("ran", "mtp_plugins" in sys.modules, any(getattr(f, "mtp_plugins_watcher", False) for f in sys.meta_path))
+        """,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    # No watcher: the stand-in, not the real shim, was the bootstrap's target.
+    assert (proc.returncode, proc.stdout.split(), proc.stderr) == (0, ["ran", "False", "False"], "")
+
+
+def test_startup_imports_only_the_standard_library():
+    listing = "import sys, json; print(json.dumps(sorted(sys.modules)))"
+    on = set(json.loads(python(listing).stdout))
+    off = set(json.loads(python(listing, env={SWITCH: "0"}).stdout))
+    assert on == off  # the watcher costs no import
+    outside = sorted(m for m in on if m.split(".")[0] not in sys.stdlib_module_names and m != "__main__")
+    assert "_mtp_plugins_startup" in outside
+    # Other .pth helpers (_distutils_hack, __editable__ finders) are private modules; nothing else may load.
+    assert [m for m in outside if not m.startswith("_")] == []
+    for name in ("_bootstrap.py", "_startup.py"):  # module-level imports: the standard library only
+        tree = ast.parse((REPO / "mtp_plugins" / "lm_eval" / name).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert all(n.split(".")[0] in sys.stdlib_module_names for n in names), (name, names)
+
+
+@pytest.mark.parametrize(
+    ("value", "watching"), [("0", False), ("false", False), (" OFF ", False), ("no", False), ("1", True), ("", True)]
+)
+def test_the_environment_switch(value, watching):
+    proc = python("import sys; print(any(getattr(f, 'mtp_plugins_watcher', False) for f in sys.meta_path))", env={SWITCH: value})
+    assert proc.stdout.strip() == str(watching), proc.stderr
 
 
 def test_regular_wheel_install(tmp_path, tiny_checkpoints):

@@ -7,6 +7,7 @@ dataclass default, shown in ``--help``.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from enum import Enum
 from typing import Optional
@@ -43,6 +44,11 @@ class Dtype(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
     fp16 = "fp16"
+
+
+class OnNonfinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
 
 
 def print_plugins() -> None:
@@ -114,12 +120,15 @@ def train(
     entropy_weight: Optional[float] = typer.Option(None, help=_help("Weight of the student's entropy at the supervised positions.", "entropy_weight")),
     save_every: Optional[int] = typer.Option(None, help=_help("Checkpoint every N steps (and at the end).", "save_every")),
     keep_last: Optional[int] = typer.Option(None, help=_help("Checkpoints kept.", "keep_last")),
+    on_nonfinite: Optional[OnNonfinite] = typer.Option(None, help=_help("A NaN/inf loss or gradient norm: stop the run before that update (the last checkpoint stays), or skip the update.", "on_nonfinite")),
+    max_nonfinite: Optional[int] = typer.Option(None, help=_help("With --on-nonfinite skip: one more non-finite step than this stops the run.", "max_nonfinite")),
     eval_every: Optional[int] = typer.Option(None, help=_help("Validate every N steps (and at the end).", "eval_every")),
     log_every: Optional[int] = typer.Option(None, help=_help("Report metrics every N steps.", "log_every")),
     seed: Optional[int] = typer.Option(None, help=_help("Seed of the data order, k draws and region offsets.", "seed")),
     dtype: Optional[Dtype] = typer.Option(None, help=_help("Compute precision (weights stay float32).", "dtype")),
     device: Optional[str] = typer.Option(None, help=_help("auto, cpu, cuda, cuda:N.", "device")),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle/--no-allow-pickle", help=_help("Load pickle weights (pytorch_model.bin) of a model without safetensors; unpickling can run arbitrary code.", "allow_pickle")),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help=_help("Recompute layer activations in the backward pass (less memory, more time).", "activation_checkpointing")),
     shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help=_help("With several processes, FSDP-shard the frozen teacher too (else every rank holds a full copy).", "shard_teacher")),
     trainable: Optional[Trainable] = typer.Option(None, help=_help("all: every weight; mask-embeddings: only the mask tokens' embedding rows (the next-token path stays exactly the original).", "trainable")),
@@ -132,20 +141,33 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest complete checkpoint."),
 ) -> None:
     from train_cli.config import build_config
-    from train_cli.trainer import Trainer
+    from train_cli.trainer import Trainer, TrainingInterrupted
 
-    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k not in ("config", "resume", "list_plugins", "build_config", "Trainer")}
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items()
+             if k not in ("config", "resume", "list_plugins", "build_config", "Trainer", "TrainingInterrupted")}
     settings = build_config(config, **flags)
-    Trainer(settings).run(resume=resume)
+    try:
+        Trainer(settings).run(resume=resume)
+    except TrainingInterrupted as stop:
+        if stop.main:
+            from train_cli.distributed import launched_by_torchrun
+
+            again = shlex.join(["mtp-train", *sys.argv[1:], *([] if resume else ["--resume"])])
+            launch = " (under the same torchrun launch)" if launched_by_torchrun() else ""
+            print(f"mtp-train: interrupted after step {stop.step}, saved as {stop.checkpoint}; continue with: {again}{launch}",
+                  file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
+    from mtp_plugins.checkpoint import CheckpointError
     from mtp_plugins.console import run_app
     from mtp_plugins.registry import PluginError
     from train_cli.config import ConfigError
+    from train_cli.trainer import NonFiniteLoss
 
-    run_app(app, "mtp-train", (ConfigError, PluginError))
+    run_app(app, "mtp-train", (ConfigError, PluginError, CheckpointError, NonFiniteLoss))
 
 
 if __name__ == "__main__":

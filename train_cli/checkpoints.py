@@ -1,7 +1,9 @@
 """Checkpoints that survive a crash at any moment, and the final HF export.
 
 A checkpoint is written into a hidden temporary directory and renamed into place when complete, so
-``OUTPUT_DIR/checkpoints/step-NNNNNNN`` either holds a whole checkpoint or does not exist. It holds
+``OUTPUT_DIR/checkpoints/step-NNNNNNN`` either holds a whole checkpoint or does not exist; an old one
+is renamed to a hidden name before it is deleted, so a kill mid-deletion leaves no half of one
+under a checkpoint's name either. ``remove_leftovers`` clears what a kill left behind. It holds
 the student as an ordinary HF directory (safetensors, tokenizer, ``mtp`` block) plus
 ``trainer_state.pt`` (optimizer, scheduler, RNG states, data position, step), read back with
 ``torch.load(weights_only=True)``.
@@ -21,10 +23,15 @@ import yaml
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^step-(\d{7,})$")
+_LEFTOVERS = (".partial-", ".stale-")  # hidden names of a write or a deletion that a kill cut short
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return checkpoint_dir(output_dir) / f"step-{step:07d}"
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -46,28 +53,48 @@ def save_checkpoint(
     keep_last: int,
     weights: dict[str, Any] | None = None,
 ) -> Path:
-    """``weights``: the gathered state dict of a sharded model (None: the model's own)."""
+    """Write the checkpoint of ``step`` and delete all but the newest ``keep_last``. A complete one of
+    the same step is kept as it is (a run resumes from its newest checkpoint, so it holds this very
+    state). ``weights``: the gathered state dict of a sharded model (None: the model's own)."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    staging = root / f".partial-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(staging)
-        (staging / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        torch.save(state, staging / STATE_FILE)
-        _fsync_dir(staging)
-        if final.exists():  # the same step written again after a resume
-            shutil.rmtree(final)
-        staging.rename(final)
-        _fsync_dir(root)
-    except BaseException:
+    final = checkpoint_path(output_dir, step)
+    if not (final / STATE_FILE).exists():
+        staging = root / f".partial-step-{step:07d}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        try:
+            model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(staging)
+            (staging / "train_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            torch.save(state, staging / STATE_FILE)
+            _fsync_dir(staging)
+            _remove(final)  # a directory of that name without a state file is not a checkpoint
+            staging.rename(final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     for old in complete_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete the hidden temporary directories of checkpoint writes and deletions that a kill cut
+    short (they are never taken for checkpoints)."""
+    root = checkpoint_dir(output_dir)
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.name.startswith(_LEFTOVERS):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: first renamed to a hidden name (one atomic step), then removed."""
+    if path.exists():
+        stale = path.with_name(f".stale-{path.name}-{os.getpid()}")
+        shutil.rmtree(stale, ignore_errors=True)
+        path.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

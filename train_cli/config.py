@@ -50,12 +50,15 @@ class TrainConfig:
     entropy_weight: float = 0.0  # weight of the student's mean entropy at the supervised positions
     save_every: int = 500
     keep_last: int = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm: stop the run, or skip that step's update
+    max_nonfinite: int = 10  # with on_nonfinite skip: one more non-finite step than this stops the run
     eval_every: int = 100
     log_every: int = 1
     seed: int = 0
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
     device: str = "auto"  # auto: cuda if available, else cpu
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle weights (pytorch_model.bin) of a model without safetensors; unpickling can run code
     activation_checkpointing: bool = False  # recompute layer activations in backward (less memory)
     shard_teacher: bool = False  # with several processes: FSDP-shard the teacher too (else each rank holds it)
     trainable: Literal["all", "mask-embeddings"] = "all"  # mask-embeddings: only the mask tokens' rows learn; real tokens compute exactly as before
@@ -74,7 +77,7 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is None and self.max_tokens is None:
             raise ConfigError("give --max-steps or --max-tokens")
-        for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows", "rollouts", "rollout_shots"):
+        for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows", "rollouts", "rollout_shots", "max_nonfinite"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
@@ -153,8 +156,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read it ({error.strerror or error})") from None
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--config {path}: not valid YAML ({error})") from None
+    except yaml.YAMLError as error:  # its own text spans several lines; the message is one
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({getattr(error, 'problem', None) or error})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}

@@ -3,6 +3,10 @@ in a seeded order whose position is part of every checkpoint."""
 
 from __future__ import annotations
 
+import codecs
+import json
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,17 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
         builder = LOCAL_FORMATS.get(path.suffix)
         if builder is None:
             raise ConfigError(f"--data {config.data}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)}")
+        if builder == "json":
+            _check_text(path, config.data)
+        datasets_log = logging.getLogger("datasets")
+        level = datasets_log.level
+        datasets_log.setLevel(logging.CRITICAL)  # its log of a parse error would precede ours, less clearly
         try:
             splits = load_dataset(builder, data_files=str(path))
         except Exception as error:  # datasets raises many kinds for unreadable files
-            raise ConfigError(f"--data {config.data}: cannot read it as {builder} ({type(error).__name__}: {error})") from None
+            raise ConfigError(f"--data {config.data}: cannot read it as {builder} ({_read_error(path, error)})") from None
+        finally:
+            datasets_log.setLevel(level)
     else:
         try:
             splits = load_dataset(config.data)
@@ -56,7 +67,66 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
         raise ConfigError(f"--data {config.data}: expected a 'train' split, found {list(splits)}")
     held_out = next((splits[name] for name in EVAL_SPLITS if name in splits), None)
     _check_fields(config, splits["train"].column_names)
-    return splits["train"], held_out
+    train = _drop_empty(splits["train"], config)
+    if len(train) == 0:
+        raise ConfigError(
+            f"--data {config.data}: every row has an empty {config.prompt_field!r} and {config.response_field!r}; "
+            "nothing to train on"
+        )
+    return train, None if held_out is None else _drop_empty(held_out, config)
+
+
+def _check_text(path: Path, name: str) -> None:
+    """A JSON(L) file must hold some text, all of it UTF-8 (read in chunks; says on which line not)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank, line = True, 1
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                bad = error.object[error.start : error.start + 1].hex()
+                line += error.object[: error.start].count(b"\n")
+                raise ConfigError(f"--data {name}: line {line} is not UTF-8 text (byte 0x{bad}); save the file as UTF-8") from None
+            if not chunk:
+                break
+            blank = blank and not text.strip()
+            line += chunk.count(b"\n")
+    if blank:
+        raise ConfigError(f"--data {name}: the file is empty (no rows)")
+
+
+def _read_error(path: Path, error: Exception) -> str:
+    """Why datasets could not read ``path``: the first bad line of a JSONL file, else the root cause."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip())
+                except json.JSONDecodeError as bad:
+                    return f"line {number} is not valid JSON: {bad.msg} at column {bad.colno}"
+                if not isinstance(row, dict):
+                    return f"line {number} is a JSON {type(row).__name__}, not an object of fields"
+    while error.__cause__ is not None:  # datasets wraps the parser's own error
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def _drop_empty(rows: Any, config: TrainConfig) -> Any:
+    """The rows whose prompt or response holds some text (says how many were left out)."""
+    fields = (config.prompt_field, config.response_field)
+
+    def keep(batch: dict[str, list]) -> list[bool]:
+        return [any(v is not None and str(v).strip() for v in values) for values in zip(*(batch[f] for f in fields))]
+
+    kept = rows.filter(keep, batched=True, keep_in_memory=True)
+    if 0 < len(kept) < len(rows):
+        print(f"mtp-train: --data {config.data}: left out {len(rows) - len(kept)} rows with an empty prompt and response",
+              file=sys.stderr)
+    return kept
 
 
 def _check_fields(config: TrainConfig, columns: list[str]) -> None:

@@ -39,9 +39,14 @@ def _say(text: str) -> None:
 
 def _run(args: list[str]) -> None:
     """A stage as its own process (its progress shows as it runs); a failure stops the demo."""
-    proc = subprocess.run([sys.executable, "-m", *args])
-    if proc.returncode != 0:
-        raise typer.Exit(proc.returncode)
+    proc = subprocess.Popen([sys.executable, "-m", *args])
+    try:
+        status = proc.wait()
+    except KeyboardInterrupt:  # the stage got the same Ctrl-C: let it save its checkpoint and exit
+        proc.wait()
+        raise
+    if status != 0:
+        raise typer.Exit(status)
 
 
 def _trained(run: Path) -> bool:

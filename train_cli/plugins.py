@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mtp_plugins.files import append_line, write_atomic
 from mtp_plugins.hooks import HookPluginError, hookimpl
 
 
 class MetricsFile:
     """``OUTPUT_DIR/metrics.jsonl``: one line per optimizer step (``"kind": "train"``) and per
-    validation (``"kind": "eval"``). On resume, lines past the resumed step are dropped."""
+    validation (``"kind": "eval"``). On resume, lines past the resumed step (and a line a kill cut
+    short) are dropped, in one atomic rewrite; each line is appended by one system call."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -26,13 +28,11 @@ class MetricsFile:
         from train_cli.checkpoints import complete_jsonl
 
         kept = [r for r in complete_jsonl(self.path) if r.get("step", 0) <= start_step] if start_step > 0 else []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record))
 
     @hookimpl
     def mtp_step_end(self, step: int, metrics: dict[str, Any]) -> None:

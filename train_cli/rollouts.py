@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mtp_plugins.files import write_atomic
 from train_cli.checkpoints import complete_jsonl
 from train_cli.config import ConfigError, TrainConfig
 
@@ -45,8 +46,7 @@ def rollout_rows(rows: Any, model: Any, tokenizer: Any, config: TrainConfig, bat
         raise ConfigError(f"--rollouts {config.rollouts}: the data has {len(rows)} rows, {first} of them used as examples")
     path = Path(config.output_dir) / FILE
     done = complete_jsonl(path)[:wanted]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in done), encoding="utf-8")  # drop a torn tail
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in done))  # drop a torn tail
     shots = _shots(rows, config)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -5,12 +5,22 @@ micro-batch, lay the documents out, run the student, write its greedy drafts int
 (student forcing), run the frozen teacher on that copy, and apply the loss strategy to the
 supervised positions. The student keeps float32 master weights; ``dtype`` bf16/fp16 is the compute
 precision (autocast), so that updates of lr 1e-5 are not rounded away.
+
+A step whose loss or gradient norm is NaN/inf stops the run before its update (``--on-nonfinite
+stop``) or has its update skipped (``skip``, up to ``--max-nonfinite`` steps). Ctrl-C (SIGINT) lets
+the current step finish, saves its checkpoint and raises ``TrainingInterrupted``; a second Ctrl-C
+stops at once (a single process only: torchrun forwards the first one to its workers again).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mtp_plugins.checkpoint import add_mask_tokens, read_mtp_spec
+from mtp_plugins.checkpoint import add_mask_tokens, loading, read_mtp_spec, weights_source
 from mtp_plugins.hooks import plugin_manager
 from mtp_plugins.layout import Layout, LayoutGeometry, build_layout
 from mtp_plugins.modeling import attention_for, logits_at
@@ -29,6 +39,18 @@ from train_cli.data import DataPosition, Documents, Sampler, held_out_indices, l
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TAU = 0.9  # the ConfAdapt threshold whose Eff. k validation reports
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf loss or gradient norm stopped the run; no checkpoint was written from that state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after ``step``, whose checkpoint is ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint: Path, main: bool) -> None:
+        super().__init__(f"interrupted after step {step}, saved as {checkpoint}")
+        self.step, self.checkpoint, self.main = step, checkpoint, main
 
 
 @dataclass
@@ -58,9 +80,12 @@ class Trainer:
     def _load_model(self, source: str | Path, dtype: torch.dtype) -> Any:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=self.config.trust_remote_code
-        ).to(self.device)
+        weights = weights_source(source, allow_pickle=self.config.allow_pickle, opt_in="--allow-pickle")
+        with loading(source):
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, trust_remote_code=self.config.trust_remote_code, **weights
+            )
+        return model.to(self.device)
 
     def setup(self, resume: bool = False) -> None:
         """Load models, data, optimizer; with ``resume``, restore the newest checkpoint's state."""
@@ -71,8 +96,10 @@ class Trainer:
 
         c = self.config
         resume_from = self._resume_point(resume)
+        train_rows, held = load_rows(c)  # before the models: a bad data file is named without waiting for them
         source = resume_from or c.model
-        self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=c.trust_remote_code)
+        with loading(source):
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=c.trust_remote_code)
         self.student = self._load_model(source, torch.float32)
         self.spec = add_mask_tokens(self.student, self.tokenizer, num_tokens=c.mask_tokens, k_max=c.k_max)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -86,7 +113,6 @@ class Trainer:
                 distributed.shard(self.teacher, None, False)
         elif c.activation_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        train_rows, held = load_rows(c)
         if c.rollouts and c.max_steps != 0:  # nothing is trained at --max-steps 0: no data needed
             train_rows = self._rollouts(train_rows)
         self.documents = Documents(train_rows, self.tokenizer, c)
@@ -114,7 +140,9 @@ class Trainer:
         # by all ranks and independent of k (the original coupled the two).
         self.k_generator = torch.Generator().manual_seed(_stream(c.seed, 1, self.dist.rank))
         self.offset_generator = torch.Generator().manual_seed(_stream(c.seed, 2))
-        self.step, self.tokens_seen = 0, 0
+        self.step, self.tokens_seen, self.nonfinite_skipped = 0, 0, 0
+        self.interrupted = False  # set by the SIGINT handler
+        self.stopping = False  # some rank was interrupted (agreed by all ranks at each step)
         position = DataPosition()
         if resume_from is not None:
             state = checkpoints.load_state(resume_from)
@@ -133,6 +161,7 @@ class Trainer:
             self.offset_generator.set_state(state["rng"]["offset"])
             torch.set_rng_state(state["rng"]["torch"][self.dist.rank])
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
             position = DataPosition(**state["data"])
         self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
 
@@ -257,24 +286,51 @@ class Trainer:
             (result.loss / c.grad_accum).backward()
             total += result.loss.item() / c.grad_accum
             tokens += result.tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        # Every rank's loss and Ctrl-C before the update, so that all ranks step, skip or stop alike
+        # (the loss was read for the log anyway: checking it adds no device sync).
+        per_rank = distributed.gather((k, total, tokens, self.interrupted), self.dist)
+        loss = sum(l for _, l, _, _ in per_rank) / len(per_rank)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            self._nonfinite(loss, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        per_rank = distributed.gather((k, total, tokens), self.dist)
-        tokens = sum(t for _, _, t in per_rank)
+        self.stopping = any(stop for *_, stop in per_rank)
+        tokens = sum(t for _, _, t, _ in per_rank)
         self.tokens_seen += tokens
         seconds = time.perf_counter() - start
-        metrics = {"step": self.step, "k": k, "offset": offset, "loss": sum(l for _, l, _ in per_rank) / len(per_rank),
-                   "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens, "tokens_seen": self.tokens_seen,
-                   "seconds": seconds, "tokens_per_s": tokens / seconds}
+        metrics = {"step": self.step, "k": k, "offset": offset, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": tokens, "tokens_seen": self.tokens_seen, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                   "nonfinite_skipped": self.nonfinite_skipped}
         if self.dist.enabled:
-            metrics["k_per_rank"] = [k for k, _, _ in per_rank]
+            metrics["k_per_rank"] = [k for k, *_ in per_rank]
         if self.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def _nonfinite(self, loss: float, grad_norm: float) -> None:
+        """The step being taken has a NaN/inf loss or gradient norm: raise ``NonFiniteLoss``, or count
+        it and return (its update is then skipped) under ``--on-nonfinite skip`` within the limit."""
+        c = self.config
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4g})"
+        newest = checkpoints.complete_checkpoints(self.output_dir)
+        kept = f"the last checkpoint, {newest[-1]}, is untouched" if newest else "no checkpoint was written"
+        if c.on_nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            if self.nonfinite_skipped <= c.max_nonfinite:
+                return
+            raise NonFiniteLoss(
+                f"step {self.step + 1}: non-finite {what}; {self.nonfinite_skipped} such steps in this run, more than "
+                f"--max-nonfinite {c.max_nonfinite} skipped; stopped, {kept}"
+            )
+        raise NonFiniteLoss(
+            f"step {self.step + 1}: non-finite {what}; stopped before its update, {kept} "
+            "(--on-nonfinite skip skips such steps instead)"
+        )
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
@@ -316,18 +372,23 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_leftovers(self.output_dir)
             self.hook.mtp_train_start(config=c.to_dict(), output_dir=str(self.output_dir), start_step=self.step, total_steps=c.max_steps)
         last: dict[str, Any] = {}
-        while not self._done():
-            last = self.train_step()
-            if main and (self.step % c.log_every == 0 or self._done()):
-                self.hook.mtp_step_end(step=self.step, metrics=last)
-            if self.eval_indices and (self.step % c.eval_every == 0 or self._done()):
-                metrics = self.validate()  # every rank takes part in the sharded forward passes
-                if main:
-                    self.hook.mtp_validation_end(step=self.step, metrics=metrics)
-            if self.step % c.save_every == 0 or self._done():
-                self._save()
+        with self._sigint_stops_after_the_step():
+            while not self._done():
+                last = self.train_step()
+                if main and (self.step % c.log_every == 0 or self._done()):
+                    self.hook.mtp_step_end(step=self.step, metrics=last)
+                if self.stopping and not self._done():
+                    self._save()
+                    raise TrainingInterrupted(self.step, checkpoints.checkpoint_path(self.output_dir, self.step), main)
+                if self.eval_indices and (self.step % c.eval_every == 0 or self._done()):
+                    metrics = self.validate()  # every rank takes part in the sharded forward passes
+                    if main:
+                        self.hook.mtp_validation_end(step=self.step, metrics=metrics)
+                if self.step % c.save_every == 0 or self._done():
+                    self._save()
         weights = distributed.full_model_state(self.student, self.dist)
         if main:
             checkpoints.export_model(self.output_dir, self.student, self.tokenizer, weights, c.to_dict())
@@ -335,6 +396,28 @@ class Trainer:
             self.hook.mtp_train_end(summary=summary)
         distributed.barrier(self.dist)
         return self.output_dir
+
+    @contextmanager
+    def _sigint_stops_after_the_step(self) -> Iterator[None]:
+        """Ctrl-C asks the loop to stop after the current step (signal handlers: main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """The first Ctrl-C asks for a stop after the step; a second one stops at once."""
+        if self.interrupted:
+            if not self.dist.enabled:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, the last checkpoint stays
+            return
+        self.interrupted = True
+        if self.dist.is_main:  # os.write: print() could re-enter a write to stderr it interrupted
+            os.write(2, b"mtp-train: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop at once)\n")
 
     def _done(self) -> bool:
         c = self.config
@@ -356,6 +439,7 @@ class Trainer:
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "data": self.sampler.position.to_dict(),
+                "nonfinite_skipped": self.nonfinite_skipped,
                 "rng": {"k": [k for k, _ in rngs], "offset": self.offset_generator.get_state(),
                         "torch": [t for _, t in rngs]},
             }

@@ -23,7 +23,7 @@ DECODER_API_VERSION = 1
 class Proposals:
     """One pass's proposals for the B active rows."""
 
-    tokens: torch.Tensor  # [B, P] long; P = decoder.num_proposals
+    tokens: torch.Tensor  # [B, P] long; P = decoder.num_proposals (fewer with ``adaptive_width``)
     valid: torch.Tensor  # [B] long in [1, P]; fewer than P after a rejected draft (masks saw a wrong prefix)
     next_logits: torch.Tensor = field(repr=False)  # [B, V] logits behind proposal 0
     mask_logits: torch.Tensor = field(repr=False)  # [B, P-1, V] logits behind proposals 1..P-1
@@ -31,18 +31,27 @@ class Proposals:
     #: pass, so B shrinks; a decoder with per-row state indexes it with these numbers.
     row_index: list[int] = field(default_factory=list)
     _confidence: torch.Tensor | None = field(default=None, repr=False)
+    _mask_confidence: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def confidence(self) -> torch.Tensor:
         """[B, P] float: the softmax probability of each proposed token (top-1 for greedy slots).
 
-        Computed on first use, so strategies that ignore confidences do not pay for a softmax.
+        Computed on first use, so strategies that ignore confidences do not pay for it.
         """
         if self._confidence is None:
-            first = torch.softmax(self.next_logits.float(), dim=-1).gather(1, self.tokens[:, :1])
-            rest = torch.softmax(self.mask_logits.float(), dim=-1).amax(dim=-1)
-            self._confidence = torch.cat([first, rest], dim=1)
+            logits = self.next_logits.float()
+            first = torch.exp(logits.gather(1, self.tokens[:, :1]) - torch.logsumexp(logits, dim=-1, keepdim=True))
+            self._confidence = torch.cat([first, self.mask_confidence], dim=1)
         return self._confidence
+
+    @property
+    def mask_confidence(self) -> torch.Tensor:
+        """[B, P-1] float: the top-1 softmax probability of each mask slot (``confidence[:, 1:]``)."""
+        if self._mask_confidence is None:
+            logits = self.mask_logits.float()
+            self._mask_confidence = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
+        return self._mask_confidence
 
 
 class Decoder:
@@ -60,6 +69,13 @@ class Decoder:
     feeds_drafts: ClassVar[bool] = False
     #: Whether proposal 0 may be sampled (``do_sample=True``).
     supports_sampling: ClassVar[bool] = True
+    #: With ``mask_slots="auto"``, the engine may feed fewer than ``num_proposals - 1`` mask slots
+    #: in a pass (where the measured cost and acceptance say they do not pay); ``select`` then sees
+    #: fewer proposals (``tokens.shape[1]``). Off by default: a strategy opts in.
+    adaptive_width: ClassVar[bool] = False
+    #: For ``feeds_drafts`` strategies: the longest n-gram matched in the row's own text to draft
+    #: where mask proposals are unsure (0: drafts are the mask proposals only).
+    draft_lookup: ClassVar[int] = 0
 
     def __init__(self, *, k: int, tau: float) -> None:
         self.k = k

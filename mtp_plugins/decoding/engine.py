@@ -11,7 +11,10 @@ Each pass, every active row feeds ``[pending tokens] + [k-1 mask tokens]`` (METH
 - rejected drafts stay in the cache as holes (masked out); finished rows leave the batch.
 
 The logits of the last decided token give proposal 0 (the ordinary next token); mask slot j gives
-proposal j. The strategy chooses how many leading proposals each row emits.
+proposal j. The strategy chooses how many leading proposals each row emits. How many mask slots a
+pass feeds is ``mask_slots``: all k-1, a fixed number, or (``"auto"``, for strategies that allow it)
+what the measured pass cost and acceptance make worth it (``width.py``). Strategies that verify
+drafts can also draft from the row's own text (``lookup.py``) where the mask proposals run short.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import torch
 from mtp_plugins.checkpoint import read_mtp_spec
 from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.base import Decoder, Proposals
+from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
+from mtp_plugins.decoding.width import PassCost, WidthPolicy
 from mtp_plugins.modeling import forward_kwargs
 from mtp_plugins.registry import load_decoder
 
@@ -41,6 +46,16 @@ class _Row:
     drafts: int = 0
     generated: list[int] = field(default_factory=list)
     stats: RowStats = field(default_factory=RowStats)
+    lookup: NgramIndex | None = None  # the row's decided tokens, for drafts from its own text
+
+
+#: Mask proposals at least this confident stay drafts; where they are less sure, drafts continue from
+#: the row's own text (``draft_lookup``), falling back to the remaining mask proposals.
+DRAFT_CONFIDENCE = 0.5
+#: The cache is compacted when its longest row holds at most this share of real entries ...
+COMPACT_BELOW = 0.5
+#: ... and it has at least this many columns.
+COMPACT_MIN = 64
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,8 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    mask_slots: int | str = "auto",
+    draft_lookup: int | None = None,
 ) -> GenerateOutput:
     """Decode a batch with an MTP model; see ``GenerateOutput`` for what comes back.
 
@@ -78,9 +95,19 @@ def generate(
     on its own at EOS, ``max_new_tokens`` (never exceeded) or a stop string (needs ``tokenizer``).
     ``do_sample`` samples the ordinary next-token position with ``temperature``/``top_p``; mask
     proposals stay greedy.
+
+    ``mask_slots`` caps the mask slots per pass: ``"auto"`` lets strategies with
+    ``adaptive_width`` (``confadapt``, ``verify``) feed only the slots that pay for themselves on this
+    hardware and batch (the first call per model and batch size times a few passes to learn the
+    cost), and all k-1 for the others; an int feeds exactly that many (``k - 1``: the paper's
+    method, fully reproducible). ``draft_lookup`` is the longest n-gram a draft-verifying strategy
+    matches in the row's own text to draft where mask proposals are unsure (0: off; default: the
+    strategy's ``draft_lookup``).
     """
     start = time.perf_counter()
     decoder = _make_decoder(strategy, k, tau, do_sample, temperature, top_p)
+    slots = _mask_slots(mask_slots, decoder)
+    lookup = _draft_lookup(draft_lookup, decoder)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     prompts = _prompt_rows(input_ids, attention_mask)
@@ -91,13 +118,18 @@ def generate(
         stop_strings = [stop_strings]
     limits = _Limits(max_new_tokens, frozenset(eos), StopStrings(tokenizer, stop_strings) if stop_strings else None)
 
-    rows = [_Row(index=i, pending=p, position=0) for i, p in enumerate(prompts)]
+    rows = [
+        _Row(index=i, pending=p, position=0, lookup=NgramIndex(p, lookup) if lookup else None)
+        for i, p in enumerate(prompts)
+    ]
     stats = GenerationStats(strategy=strategy, k=k, tau=float(tau), rows=[r.stats for r in rows])
     if max_new_tokens > 0:
         sampler = (lambda logits: sample_tokens(logits, temperature, top_p, generator)) if do_sample else None
-        loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler)
+        loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler, slots)
         with torch.inference_mode(), grouped_attention(model):
-            stats.model_calls = loop.run(rows)
+            loop.run(rows)
+        stats.model_calls = len(loop.slots_per_call)
+        stats.mask_slots_per_call = loop.slots_per_call
 
     width = max(len(r.generated) for r in rows)
     new = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
@@ -120,6 +152,7 @@ class _DecodeLoop:
         pad: int,
         limits: _Limits,
         sampler: Any,
+        slots: int | None,
     ) -> None:
         self.model = model
         self.decoder = decoder
@@ -132,32 +165,51 @@ class _DecodeLoop:
         self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
         self.cache = _new_cache(model)
         self.valid: torch.Tensor  # [B, L] bool: cache slots that hold real tokens (holes are False)
+        self.slots = len(mask_ids) if slots is None else min(slots, len(mask_ids))  # unless ``policy`` chooses
+        self.policy = None
+        if slots is None and mask_ids:
+            width = 1 + (2 if decoder.feeds_drafts else 1) * len(mask_ids)
+            cost = PassCost(model, self._forward_at, self.device, width)
+            self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost)
+        self.slots_per_call: list[int] = []
+        # Holes can be dropped from plain per-layer key/value tensors (not sliding windows, not quantized).
+        layers = getattr(self.cache, "layers", None)
+        self._compactable = layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
-    def run(self, rows: list[_Row]) -> int:
+    def run(self, rows: list[_Row]) -> None:
         self.active = list(rows)
+        self.lookup_drafts = any(r.lookup is not None for r in rows)
         self.decoder.start(len(rows), self.device)
         self.valid = torch.zeros((len(rows), 0), dtype=torch.bool, device=self.device)
-        calls = 0
+        self.real = [0] * len(rows)  # real (non-hole) cache entries of each active row, kept on the host
         while self.active:
             self._step()
-            calls += 1
             self._retire_finished()
-        return calls
+            self._compact()
 
     def _step(self) -> None:
-        rows, n_masks = self.active, len(self.mask_ids)
+        rows = self.active
+        n_masks = self.policy.choose(len(rows)) if self.policy else self.slots
+        self.slots_per_call.append(n_masks)
+        if self.decoder.feeds_drafts:
+            for r in rows:  # drafts beyond this pass's slots would not pay for themselves either
+                if r.drafts > n_masks:
+                    del r.pending[len(r.pending) - r.drafts + n_masks :]
+                    r.drafts = n_masks
+        mask_ids = self.mask_ids[:n_masks]
         width = max(len(r.pending) for r in rows)  # pending columns of the block
         max_drafts = max(r.drafts for r in rows)
-        tokens, real, starts = [], [], []
+        # One host-to-device copy per pass: each row's hole count, first position id, then its tokens.
+        packed = []
         for r in rows:
             hole = width - len(r.pending)
-            tokens.append([self.pad] * hole + r.pending + self.mask_ids)
-            real.append([False] * hole + [True] * (len(r.pending) + n_masks))
-            starts.append(r.position - hole)
+            packed.append([hole, r.position - hole] + [self.pad] * hole + r.pending + mask_ids)
         dev = self.device
-        block = torch.tensor(tokens, device=dev)  # [B, W], W = width + n_masks
-        positions = (torch.tensor(starts, device=dev)[:, None] + torch.arange(block.shape[1], device=dev)).clamp_(min=0)
-        attention = torch.cat([self.valid, torch.tensor(real, device=dev)], dim=1)  # [B, L + W]
+        packed_t = torch.tensor(packed, device=dev)
+        block = packed_t[:, 2:]  # [B, W], W = width + n_masks
+        columns = torch.arange(block.shape[1], device=dev)
+        positions = (packed_t[:, 1:2] + columns).clamp_(min=0)
+        attention = torch.cat([self.valid, columns >= packed_t[:, :1]], dim=1)  # [B, L + W]; holes are False
         keep = max_drafts + 1 + n_masks  # logits from the oldest last-decided token to the last mask
         logits = self._forward(block, attention, positions, keep)  # [B, keep, V]
         if n_masks:
@@ -166,11 +218,21 @@ class _DecodeLoop:
 
         proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts)
         chosen = self.decoder.select(proposals)  # [B]
+        columns = [chosen.view(-1, 1), verified.view(-1, 1), proposals.valid.view(-1, 1)]
+        if self.lookup_drafts and n_masks:
+            # Mask proposals count as drafts while they are this confident; lookup continues after.
+            sure = (proposals.mask_confidence >= DRAFT_CONFIDENCE).long().cumprod(dim=1).sum(dim=1)
+            columns.append(sure.view(-1, 1))
+        else:
+            columns.append(torch.full_like(chosen.view(-1, 1), n_masks))
         # One host transfer per pass carries everything the bookkeeping needs.
-        host = torch.cat(
-            [chosen.view(-1, 1), verified.view(-1, 1), proposals.valid.view(-1, 1), proposals.tokens], dim=1
-        ).tolist()
-        rejected = [self._advance(r, *h[:3], h[3:]) for r, h in zip(rows, host)]
+        host = torch.cat([*columns, proposals.tokens], dim=1).tolist()
+        outcomes: list[tuple[int, int]] = []
+        fed = [len(r.pending) for r in rows]
+        rejected = [self._advance(r, *h[:4], h[4:], outcomes) for r, h in zip(rows, host)]
+        self.real = [n + f - x for n, f, x in zip(self.real, fed, rejected)]
+        if self.policy:
+            self.policy.observe(outcomes)
         if any(rejected):
             # Rejected drafts keep their cache slots as holes.
             cols = torch.arange(width, device=dev)
@@ -178,7 +240,12 @@ class _DecodeLoop:
             self.valid[:, -width:] &= keep_cols
 
     def _forward(self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
-        kwargs = {self.cache_kwarg: self.cache, "use_cache": True}
+        return self._forward_at(block, attention, positions, self.cache, keep)
+
+    def _forward_at(
+        self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int
+    ) -> torch.Tensor:
+        kwargs = {self.cache_kwarg: cache, "use_cache": True}
         if self.keep_kwarg:
             kwargs[self.keep_kwarg] = keep
         out = self.model(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs)
@@ -214,8 +281,15 @@ class _DecodeLoop:
                               row_index=[r.index for r in rows])
         return proposals, verified
 
-    def _advance(self, r: _Row, n_emit: int, n_verified: int, n_valid: int, proposed: list[int]) -> int:
-        """Apply one pass's outcome to a row; returns how many of its drafts were rejected."""
+    def _advance(
+        self, r: _Row, n_emit: int, n_verified: int, n_valid: int, n_sure: int, proposed: list[int],
+        outcomes: list[tuple[int, int]],
+    ) -> int:
+        """Apply one pass's outcome to a row; returns how many of its drafts were rejected.
+
+        Appends to ``outcomes`` what the width policy learns from the row: (proposals at stake, how
+        many of them were taken).
+        """
         if not 1 <= n_emit <= n_valid:
             raise RuntimeError(
                 f"decoder {self.name!r} chose to emit {n_emit} proposals; it must choose 1..{n_valid}"
@@ -225,10 +299,22 @@ class _DecodeLoop:
         rejected = r.drafts - n_verified
         r.position += decided + n_verified
         if self.decoder.feeds_drafts:
-            r.pending, r.drafts = proposed[:n_valid], n_valid - n_emit
+            outcomes.append((r.drafts, n_verified))
         else:
-            r.pending, r.drafts = proposed[:n_emit], 0
+            outcomes.append((n_valid - 1, n_emit - 1))
+        before = len(r.generated)
         self._record(r, emitted)
+        if not self.decoder.feeds_drafts:
+            r.pending, r.drafts = proposed[:n_emit], 0
+            return rejected
+        drafts = proposed[n_emit:n_valid]
+        if r.lookup is not None and r.stats.stop_reason is None:
+            r.lookup.extend(r.generated[before:])
+            sure = drafts[: max(0, n_sure + 1 - n_emit)]
+            found = r.lookup.continuation(sure, len(self.mask_ids) - len(sure))
+            if found:
+                drafts = sure + found
+        r.pending, r.drafts = proposed[:n_emit] + drafts, len(drafts)
         return rejected
 
     def _record(self, r: _Row, emitted: list[int]) -> None:
@@ -255,11 +341,34 @@ class _DecodeLoop:
         elif len(r.generated) >= limits.max_new_tokens:
             r.stats.stop_reason = "length"
 
+    def _compact(self) -> None:
+        """Drop the cache's holes once they are most of it (rejected drafts, padding of short rows).
+
+        Every pass appends as many columns as the widest row feeds, so holes pile up (with ``verify``
+        most drafts are rejected), and each later pass attends over them and copies them when the
+        cache grows. Keys carry their rotary positions already, so the real entries can move: each
+        row keeps its own in order, right-aligned, and the rest becomes left padding.
+        """
+        valid = self.valid
+        length = valid.shape[1]
+        if length < COMPACT_MIN or not self._compactable or not self.active:
+            return
+        longest = max(self.real)
+        if longest > COMPACT_BELOW * length:
+            return
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [B, H, L, D]
+                setattr(layer, name, t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+        self.valid = valid.gather(1, order)
+
     def _retire_finished(self) -> None:
         keep = [i for i, r in enumerate(self.active) if r.stats.stop_reason is None]
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
+        self.real = [self.real[i] for i in keep]
         if keep:
             index = torch.tensor(keep, device=self.device)
             self.cache.batch_select_indices(index)
@@ -287,6 +396,26 @@ def _make_decoder(strategy: str, k: int, tau: float, do_sample: bool, temperatur
     if not isinstance(proposals, int) or proposals < 1:
         raise RuntimeError(f"decoder {strategy!r} asked for {proposals!r} proposals per pass; it must be an int >= 1")
     return decoder
+
+
+def _mask_slots(mask_slots: int | str, decoder: Decoder) -> int | None:
+    """The fixed mask slots per pass, or None where the width policy chooses them per pass."""
+    most = decoder.num_proposals - 1
+    if mask_slots == "auto":
+        return None if decoder.adaptive_width else most
+    if not isinstance(mask_slots, int) or isinstance(mask_slots, bool) or not 0 <= mask_slots <= most:
+        raise ValueError(
+            f"mask_slots must be 'auto' or an int in [0, {most}] (k-1 for k={decoder.k}), got {mask_slots!r}"
+        )
+    return mask_slots
+
+
+def _draft_lookup(draft_lookup: int | None, decoder: Decoder) -> int:
+    if draft_lookup is None:
+        draft_lookup = decoder.draft_lookup
+    if not isinstance(draft_lookup, int) or isinstance(draft_lookup, bool) or draft_lookup < 0:
+        raise ValueError(f"draft_lookup must be an int >= 0 (the longest n-gram matched; 0: off), got {draft_lookup!r}")
+    return draft_lookup if decoder.feeds_drafts and decoder.num_proposals > 1 else 0
 
 
 def _prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:

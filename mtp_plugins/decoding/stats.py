@@ -48,6 +48,7 @@ class GenerationStats:
     rows: list[RowStats]
     model_calls: int = 0  # batched forward calls (a call serves every active row)
     wall_seconds: float = 0.0
+    mask_slots_per_call: list[int] = field(default_factory=list)  # mask slots each call fed
 
     @property
     def forward_passes(self) -> int:
@@ -85,6 +86,7 @@ class GenerationStats:
             "mean_eff_k": self.mean_eff_k,
             "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second,
+            "mean_mask_slots": sum(self.mask_slots_per_call) / len(self.mask_slots_per_call) if self.mask_slots_per_call else 0.0,
             "rows": [r.to_dict() for r in self.rows],
         }
 

@@ -29,6 +29,8 @@ class Static(Decoder):
 class ConfAdapt(Decoder):
     """``confadapt``: emit the longest leading run of proposals whose confidence is >= tau (at least 1)."""
 
+    adaptive_width = True
+
     def select(self, proposals: Proposals) -> torch.Tensor:
         confident = proposals.confidence >= self.tau  # [B, P]
         run = confident.long().cumprod(dim=1).sum(dim=1)  # [B] leading run length
@@ -45,6 +47,8 @@ class Verify(Decoder):
 
     feeds_drafts = True
     supports_sampling = False
+    adaptive_width = True
+    draft_lookup = 3
 
     def select(self, proposals: Proposals) -> torch.Tensor:
         return torch.ones_like(proposals.valid)

@@ -1,10 +1,22 @@
 """``mtp-lm-eval``: lm-eval's own command line with ``--model mtp`` and our tasks registered.
 
 The fallback for environments where the ``.pth`` startup shim does not run (site-packages ``.pth``
-files disabled, ``python -S``, ``MTP_PLUGINS_LM_EVAL_SHIM=0``): same flags as ``lm_eval``.
+files disabled, ``python -S``, ``MTP_PLUGINS_LM_EVAL_SHIM=0``): same flags as ``lm_eval``. A bad
+``--model_args`` value of ``mtp`` is one line ``mtp-lm-eval: error: ...`` and exit status 2.
 """
 
 from __future__ import annotations
+
+import sys
+
+# Errors that name a bad input; looked up only in modules already imported (an error of a class
+# whose module was never imported cannot have been raised).
+_USER_ERRORS = (("mtp_plugins.lm_eval.model", "MTPArgumentError"), ("mtp_plugins.checkpoint", "CheckpointError"))
+
+
+def _is_user_error(error: BaseException) -> bool:
+    classes = [getattr(sys.modules.get(module), name, None) for module, name in _USER_ERRORS]
+    return any(isinstance(error, cls) for cls in classes if isinstance(cls, type))
 
 
 def main() -> None:
@@ -16,7 +28,13 @@ def main() -> None:
 
     _startup.register_model(lm_eval.api.registry)
     _startup.add_tasks(lm_eval.tasks.manager)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
+        print(f"mtp-lm-eval: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from mtp_plugins.checkpoint import read_mtp_spec
+from mtp_plugins.checkpoint import CheckpointError, loading, read_mtp_spec, weights_source
 from mtp_plugins.decoding import generate
 from mtp_plugins.lm_eval.stats import (
     SampleStats,
@@ -43,7 +43,10 @@ class MTPLM(HFLM):
     Own model_args: ``k`` (default: the checkpoint's trained k_max, else 8), ``tau`` (0.9, in (0, 1]),
     ``strategy`` (a decoder name, default ``confadapt``), ``stats_path`` (the per-sample JSONL;
     default: beside lm-eval's ``--output_path`` results), ``report_to`` (opt-in hook plugins, joined
-    by ``+``, e.g. ``report_to=wandb+tensorboard``). Every ``hf`` model_arg works as for ``hf``.
+    by ``+``, e.g. ``report_to=wandb+tensorboard``), ``allow_pickle`` (default false: weights load
+    from safetensors only), ``mask_slots`` (``auto``, the default, or 0..k-1) and ``draft_lookup``
+    (n-gram drafts for ``verify``; 0 turns them off), as for ``mtp_plugins.generate``. Every ``hf``
+    model_arg works as for ``hf``.
     After each batch of generation requests the ``mtp_generation_finished`` hook of every active hook
     plugin receives the decode statistics.
     """
@@ -57,19 +60,50 @@ class MTPLM(HFLM):
         stats_path: str | None = None,
         report_to: str | None = None,
         trust_remote_code: bool | None = False,
+        allow_pickle: bool = False,
+        mask_slots: int | str = "auto",
+        draft_lookup: int | None = None,
         **kwargs: Any,
     ) -> None:
         decoder_cls = _check_args(k, tau, strategy)
+        if not isinstance(allow_pickle, bool):
+            raise MTPArgumentError(f"model_args allow_pickle={allow_pickle!r} is not allowed: use true or false")
+        if "use_safetensors" in kwargs:
+            raise MTPArgumentError(
+                "model_args use_safetensors is not an argument of --model mtp: weights load from safetensors "
+                "only; pass allow_pickle=true to allow pickle weights"
+            )
         try:
             self._hooks = plugin_manager(report_to=str(report_to).replace("+", ",") if report_to else None).hook
         except PluginError as error:
             raise MTPArgumentError(f"model_args report_to={report_to!r} is not allowed: {error}") from None
-        super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
-        spec = read_mtp_spec(self.model)
+        try:
+            if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
+                weights = Path(pretrained, kwargs.get("subfolder") or "")
+                kwargs.update(weights_source(weights, allow_pickle=allow_pickle, opt_in="model_args allow_pickle=true"))
+            with loading(pretrained):
+                super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
+            spec = read_mtp_spec(self.model)
+        except CheckpointError as error:  # the message names the model
+            raise MTPArgumentError(f"model_args pretrained: {error}") from None
         self.k = k if k is not None else (spec.k_max if spec is not None and spec.k_max else DEFAULT_K)
         self.tau = float(tau)
         self.strategy = strategy
-        if decoder_cls(k=self.k, tau=self.tau).num_proposals > 1:
+        decoder = decoder_cls(k=self.k, tau=self.tau)
+        slots_allowed = decoder.num_proposals - 1
+        if mask_slots != "auto" and (
+            not isinstance(mask_slots, int) or isinstance(mask_slots, bool) or not 0 <= mask_slots <= slots_allowed
+        ):
+            raise MTPArgumentError(
+                f"model_args mask_slots={mask_slots!r} is not allowed: use auto or an integer in [0, {slots_allowed}] "
+                f"(k-1 for k={self.k})"
+            )
+        if draft_lookup is not None and (not isinstance(draft_lookup, int) or isinstance(draft_lookup, bool) or draft_lookup < 0):
+            raise MTPArgumentError(
+                f"model_args draft_lookup={draft_lookup!r} is not allowed: use an integer >= 0 (0 turns it off)"
+            )
+        self.mask_slots, self.draft_lookup = mask_slots, draft_lookup
+        if decoder.num_proposals > 1:
             if spec is None:
                 raise MTPArgumentError(
                     f"strategy={strategy} with k={self.k} needs an MTP checkpoint, but {pretrained} has no "
@@ -104,6 +138,7 @@ class MTPLM(HFLM):
     # ------------------------------------------------------------ generation
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        self._check_sampling(requests)
         # HFLM sorts and batches the requests itself; remember which request each context is, so
         # that every row's statistics can be tied to its (task, doc_id).
         for request in requests:
@@ -113,6 +148,19 @@ class MTPLM(HFLM):
         finally:
             self._pending_requests.clear()
             self._finish_generation()
+
+    def _check_sampling(self, requests: list[Any]) -> None:
+        """Refuse sampled generation with a greedy-only strategy before any request runs."""
+        if load_decoder(self.strategy).supports_sampling:
+            return
+        for request in requests:
+            kwargs = request.args[1] if len(request.args) > 1 and isinstance(request.args[1], dict) else {}
+            if kwargs.get("do_sample") and kwargs.get("temperature", 0.0):  # as _model_generate reads them
+                raise MTPArgumentError(
+                    f"model_args strategy={self.strategy} decodes greedily, but task {getattr(request, 'task_name', '?')} "
+                    f"asks for sampling (do_sample=True, temperature={kwargs['temperature']}); use "
+                    "strategy=confadapt, static or ar, or --gen_kwargs do_sample=false"
+                )
 
     def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self._batch_contexts = list(strings)  # the batch _model_generate receives next
@@ -151,6 +199,8 @@ class MTPLM(HFLM):
                 do_sample=do_sample,
                 temperature=float(temperature) if do_sample else 1.0,
                 top_p=float(top_p),
+                mask_slots=self.mask_slots,
+                draft_lookup=self.draft_lookup,
             )
         self._record(out.stats, context.shape[0])
         return out.sequences

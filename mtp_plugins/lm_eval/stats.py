@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from mtp_plugins.files import atomic_writer
 
 
 @dataclass
@@ -78,16 +78,9 @@ def default_stats_path(output_path: str, model_name: str, stamp: str | None = No
 
 def write_jsonl(path: Path, samples: list[SampleStats]) -> None:
     """Write all records atomically: a complete file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(asdict(s)) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        for s in samples:
+            f.write(json.dumps(asdict(s)) + "\n")
 
 
 def summary_table(summary: dict[str, Any], stats_path: Path | None) -> None:

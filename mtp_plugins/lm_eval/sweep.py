@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from mtp_plugins.files import atomic_writer, write_atomic
 
 DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
@@ -67,14 +67,6 @@ def _numbers(text: str, kind: type, flag: str, allow_empty: bool = False) -> lis
     return values
 
 
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode("utf-8") if isinstance(text, str) else text)
-    os.replace(tmp, path)
-
-
 def _metric(results: dict[str, Any], task: str) -> tuple[str, float, float]:
     """(metric name, value, stderr): flexible-extract exact match where the task has it."""
     scores = results["results"][task]
@@ -110,10 +102,11 @@ def _responses(results: dict[str, Any], task: str) -> dict[str, str]:
 
 class Sweep:
     def __init__(self, model: str, original: str, task: str, out: Path, *, limit: int | None, batch_size: int,
-                 dtype: str, num_fewshot: int | None, max_gen_toks: int | None, device: str) -> None:
+                 dtype: str, num_fewshot: int | None, max_gen_toks: int | None, device: str, allow_pickle: bool = False) -> None:
         self.model_path, self.original_path, self.task, self.out = model, original, task, out
         self.limit, self.batch_size, self.dtype, self.device = limit, batch_size, dtype, device
         self.num_fewshot, self.max_gen_toks = num_fewshot, max_gen_toks
+        self.allow_pickle = allow_pickle
         self._models: dict[str, Any] = {}
         self._tokenizer: Any = None
 
@@ -145,9 +138,15 @@ class Sweep:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self._models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype)).to(self.device).eval()
+            from mtp_plugins.checkpoint import loading, weights_source
+
+            source = weights_source(path, allow_pickle=self.allow_pickle, opt_in="--allow-pickle")
+            with loading(path):
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype), **source)
+            self._models[path] = model.to(self.device).eval()
             if self._tokenizer is None:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+                with loading(self.model_path):
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         return self._models[path]
 
     def run_point(self, point: Point) -> dict[str, Any]:
@@ -204,7 +203,7 @@ class Sweep:
             else:
                 say(f"[{i}/{len(points)}] {point.name}: evaluating {self.task} ...")
                 record = self.run_point(point)
-                _write_atomic(self.point_path(point), json.dumps(record, indent=1))
+                write_atomic(self.point_path(point), json.dumps(record, indent=1))
                 say(f"    accuracy {record['accuracy']:.3f}  Eff. k {record['eff_k']:.2f}  "
                     f"{record['tokens_per_second']:.1f} tok/s  {record['generation_seconds']:.0f} s")
             records.append(record)
@@ -308,11 +307,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     if ar:
         agree.legend(fontsize=8, loc="best")
     fig.suptitle(f"{records[0]['settings']['task']}: {Path(records[0]['settings']['model']).name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_writer(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=130)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -347,6 +346,7 @@ def sweep(
     num_fewshot: Optional[int] = typer.Option(None, help="Override the task's few-shot count."),
     max_gen_toks: Optional[int] = typer.Option(None, help="Override the task's max_gen_toks."),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="Leave out the original-model row."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle weights (pytorch_model.bin) of a model without safetensors; unpickling can run arbitrary code."),
 ) -> None:
     tau_values = _numbers(taus, float, "--taus")
     if any(not 0 < t <= 1 for t in tau_values):
@@ -371,21 +371,22 @@ def sweep(
     if k is None:
         k = spec.k_max or 8
     runner = Sweep(model, original or original_of(model), task, out, limit=limit, batch_size=batch_size, dtype=dtype,
-                   num_fewshot=num_fewshot, max_gen_toks=max_gen_toks, device=device)
+                   num_fewshot=num_fewshot, max_gen_toks=max_gen_toks, device=device, allow_pickle=allow_pickle)
     points = plan(tau_values, static_ks, k, include_hf=not skip_hf)
     records = runner.run(points, say=lambda line: print(line, file=sys.stderr, flush=True))
     command = "mtp-sweep " + " ".join(sys.argv[1:])
-    _write_atomic(out / "report.md", report(records, runner, command))
+    write_atomic(out / "report.md", report(records, runner, command))
     plotted = plot(records, out / "pareto.png")
     print(f"report: {out / 'report.md'}")
     print(f"plot:   {out / 'pareto.png'}" if plotted else "plot:   not drawn (pip install matplotlib)")
 
 
 def main() -> None:
+    from mtp_plugins.checkpoint import CheckpointError
     from mtp_plugins.console import run_app
     from mtp_plugins.lm_eval.model import MTPArgumentError
 
-    run_app(app, "mtp-sweep", (SweepError, MTPArgumentError), "interrupted; finished points are kept and reused by the next run")
+    run_app(app, "mtp-sweep", (SweepError, MTPArgumentError, CheckpointError), "interrupted; finished points are kept and reused by the next run")
 
 
 if __name__ == "__main__":
