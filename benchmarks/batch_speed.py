@@ -201,9 +201,8 @@ def run_batch_size(methods: Methods, prompts: list[str], batch: int, max_new: in
     short = [tokenizer.decode(tokenizer(p).input_ids[-24:]) for p in prompts[:batch]]
     for name, method in methods.table.items():
         sizes = [1 << i for i in range(batch.bit_length()) if 1 << i < batch] if name in methods.stats else []
-        for size in sizes:
-            method(tokenizer(short[:size], return_tensors="pt", padding=True), 2)
-        method(encs[0], 4)
+        for size in [*sizes, batch]:
+            method(tokenizer(short[:size], return_tensors="pt", padding=True), 4)
     for s in methods.stats.values():
         s.clear()
     eos = tokenizer.eos_token_id

@@ -4,6 +4,7 @@ strings and limits; the exactness contracts and the limits hold for every draw."
 from __future__ import annotations
 
 import string
+from unittest.mock import patch
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from toy import ToyMTP
 
 from mtp_plugins import generate
+from mtp_plugins.decoding import engine
 
 VOCAB = 26
 
@@ -61,16 +63,26 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
     eos=st.one_of(st.none(), st.integers(0, VOCAB - 1)),
     stops=st.lists(st.text(alphabet="abcdef", min_size=1, max_size=2), max_size=2),
     strategy=st.sampled_from(["ar", "verify", "confadapt-calibrated"]),
+    slots=st.one_of(st.just("auto"), st.integers(0, 5)),
+    lookup=st.integers(0, 3),
+    compact=st.booleans(),
 )
-def test_lossless_strategies_reproduce_greedy_with_every_limit(batch, k, wrong_every, max_new, eos, stops, strategy):
+def test_lossless_strategies_reproduce_greedy_with_every_limit(
+    batch, k, wrong_every, max_new, eos, stops, strategy, slots, lookup, compact
+):
     ids, mask = batch
     model = ToyMTP(vocab=VOCAB, wrong_every=wrong_every, calibrated=True)
     name = "confadapt" if strategy.startswith("confadapt") else strategy
-    out = generate(
-        model, ids, mask, strategy=name, k=k, tau=0.9, max_new_tokens=max_new,
-        eos_token_id=[] if eos is None else eos, pad_token_id=0,
-        stop_strings=stops or None, tokenizer=LetterTokenizer(),
-    )
+    slots = slots if slots == "auto" or name == "ar" else min(slots, k - 1)
+    # compact: drop the cache's holes as soon as a few are there (the default waits for long caches)
+    with patch.object(engine, "COMPACT_MIN", 4 if compact else engine.COMPACT_MIN), \
+            patch.object(engine, "COMPACT_BELOW", 0.9 if compact else engine.COMPACT_BELOW):
+        out = generate(
+            model, ids, mask, strategy=name, k=k, tau=0.9, max_new_tokens=max_new,
+            eos_token_id=[] if eos is None else eos, pad_token_id=0,
+            stop_strings=stops or None, tokenizer=LetterTokenizer(),
+            mask_slots=0 if name == "ar" and slots != "auto" else slots, draft_lookup=lookup,
+        )
     expected = reference(model, ids, mask, max_new, eos, stops)
     width = ids.shape[1]
     assert out.sequences.shape[1] == width + max((len(e) for e in expected), default=0)
@@ -78,7 +90,8 @@ def test_lossless_strategies_reproduce_greedy_with_every_limit(batch, k, wrong_e
         assert row[width : width + len(want)].tolist() == want
         assert (row[width + len(want) :] == 0).all()
         assert stats.tokens == len(want) <= max_new
-        assert all(1 <= n <= k for n in stats.tokens_per_pass)
+        most = k if slots == "auto" or name == "ar" else slots + 1
+        assert all(1 <= n <= most for n in stats.tokens_per_pass)
 
 
 @SETTINGS
