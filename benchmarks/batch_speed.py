@@ -5,7 +5,9 @@ Methods, at every batch size, on the same prompts:
 
 - HF ``generate`` greedy, the original model and the MTP checkpoint;
 - HF prompt-lookup decoding (``prompt_lookup_num_tokens``) on the MTP checkpoint, the training-free
-  peer; HF runs it one row at a time (it refuses batches), so at batch B the rows run in turn;
+  peer; HF runs it one row at a time (it refuses batches), so at batch B the rows run in turn (and
+  in transformers 5.24 it ignores stop strings, running on to ``max_new_tokens``: see
+  ``prompt_lookup_stop.py`` for its speed counted both ways);
 - the engine: ``ar``, ``confadapt`` tau 0.9 as shipped (``mask_slots="auto"``) and with every one of
   the k-1 slots fed every pass (the paper's method), ``verify`` as shipped (auto width, drafts from
   the prompt where mask proposals are unsure) and with mask drafts only at full width.
