@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import DTYPES, REPO, SHARED_GSM8K, gsm8k_prompts, machine_line
+from common import DTYPES, REPO, SHARED_GSM8K, gsm8k_prompts, machine_line, write_atomic
 
 import mtp_plugins
 from mtp_plugins import load_checkpoint
@@ -355,12 +355,6 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 

@@ -6,8 +6,10 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -70,3 +72,24 @@ def machine_line() -> str:
         f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), python {platform.python_version()}"
     )
+
+
+def header(title: str) -> list[str]:
+    """The first lines of a result file: title, the command that produced it, date and machine."""
+    return [f"# {title}", "", f"Command: `python {' '.join(sys.argv)}`  ",
+            f"Date: {date.today()}; machine: {machine_line()}  "]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def publish(lines: list[str], out: Path | None) -> None:
+    """Print the report and, with ``out``, write it there (whole or not at all)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, text)

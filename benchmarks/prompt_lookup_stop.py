@@ -12,14 +12,12 @@ speed can be read both ways.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-from batch_speed import DEFAULT_MODEL, STOP, useful, write_atomic
-from common import SHARED_GSM8K, gsm8k_prompts, machine_line
+from batch_speed import DEFAULT_MODEL, STOP, useful
+from common import SHARED_GSM8K, gsm8k_prompts, header, publish
 
 from mtp_plugins import load_checkpoint
 
@@ -35,10 +33,7 @@ def main() -> None:
     model, tokenizer, _ = load_checkpoint(args.model, dtype=torch.bfloat16)
     prompts = gsm8k_prompts(SHARED_GSM8K, args.prompts, 4)
     lines = [
-        "# HF prompt lookup and stop strings",
-        "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Date: {date.today()}; machine: {machine_line()}  ",
+        *header("HF prompt lookup and stop strings"),
         f"Model: {args.model} (bf16); {len(prompts)} prompts one at a time, greedy, stop {STOP}, "
         f"max {args.max_new_tokens} new tokens.",
         "",
@@ -61,10 +56,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         lines.append(f"| {name} | {generated} | {kept} | {seconds:.1f} | {generated / seconds:.1f} | {kept / seconds:.1f} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_atomic(args.out, text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
