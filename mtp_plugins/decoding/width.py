@@ -12,10 +12,12 @@ tokens per unit of time::
 where ``a_j`` is the share of recent passes whose proposal ``j`` was emitted or verified (counts
 decay by ``DECAY`` per pass, start from ``PRIOR``, and never rise with ``j``), and ``cost`` comes from
 ``PassCost``: the time of a pass with ``w`` query tokens per row, timed once per model, device and
-batch size on the model itself. Because the counts decay toward the optimistic prior, slots that were
-switched off get retried now and then. The choice caps what a row can emit in a pass; it never
-changes which tokens a strategy emits otherwise (a causal model's slot ``j`` sees the same inputs
-whether or not later slots are fed), and ``verify`` stays exactly greedy whatever the width.
+batch size (rounded up to a power of two) on the model itself. Because the counts decay toward the
+prior, slots that were switched off get retried now and then. The choice caps what a row can emit in
+a pass; in exact arithmetic it never changes which tokens a strategy emits otherwise (a causal
+model's slot ``j`` sees the same inputs whether or not later slots are fed; in bf16, passes of
+another width round differently), and ``verify`` stays exactly greedy whatever the width. Since the
+cost table is timed, the widths chosen can differ between processes: ``mask_slots=N`` pins them.
 """
 
 from __future__ import annotations
