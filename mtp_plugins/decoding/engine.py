@@ -33,7 +33,7 @@ from mtp_plugins.decoding.base import Decoder, Proposals
 from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
-from mtp_plugins.decoding.width import PassCost, WidthPolicy
+from mtp_plugins.decoding.width import PassCost, WidthPolicy, pass_width
 from mtp_plugins.modeling import forward_kwargs
 from mtp_plugins.registry import load_decoder
 
@@ -168,8 +168,7 @@ class _DecodeLoop:
         self.slots = len(mask_ids) if slots is None else min(slots, len(mask_ids))  # unless ``policy`` chooses
         self.policy = None
         if slots is None and mask_ids:
-            width = 1 + (2 if decoder.feeds_drafts else 1) * len(mask_ids)
-            cost = PassCost(model, self._forward_at, self.device, width)
+            cost = PassCost(model, self._forward_at, self.device, pass_width(len(mask_ids), decoder.feeds_drafts))
             self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost)
         self.slots_per_call: list[int] = []
         # Holes can be dropped from plain per-layer key/value tensors (not sliding windows, not quantized).

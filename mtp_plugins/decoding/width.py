@@ -48,6 +48,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def pass_width(slots: int, feeds_drafts: bool) -> int:
+    """Query tokens per row of a pass with ``slots`` mask slots: the decided token, as many drafts
+    (strategies that verify drafts), the mask slots."""
+    return 1 + (2 * slots if feeds_drafts else slots)
+
+
 class PassCost:
     """Seconds of one decoding pass by batch and query tokens per row, measured on ``model``.
 
@@ -120,8 +126,7 @@ class WidthPolicy:
         self.hit = [0.0] * (max_slots + 1)  # ... and of those whose proposal j was emitted / verified
 
     def width(self, slots: int) -> int:
-        """Query tokens per row: the decided token, the drafts (``verify``), the mask slots."""
-        return 1 + (2 * slots if self.feeds_drafts else slots)
+        return pass_width(slots, self.feeds_drafts)
 
     def choose(self, batch: int) -> int:
         best, best_rate = 0, 1.0 / self.cost(batch, 1)
