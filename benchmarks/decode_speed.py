@@ -28,7 +28,7 @@ from common import SHARED_GSM8K, gsm8k_prompts, load_mtp_model, machine_line
 
 import mtp_plugins
 from mtp_plugins.decoding.attention import grouped_attention
-from mtp_plugins.decoding.engine import _new_cache
+from mtp_plugins.decoding.kvcache import new_dynamic_cache
 
 STOP = ["Question:"]
 
@@ -121,7 +121,7 @@ def pass_costs(model, enc, widths, passes):
     state = {}
     with torch.inference_mode(), grouped_attention(model):  # as the engine runs it
         for w in widths:
-            cache = _new_cache(model)
+            cache = new_dynamic_cache(model)
             model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
             state[w] = [cache, enc.attention_mask.bool(), enc.attention_mask.sum(1)]
         block = {

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from toy import ToyMTP
 
 from mtp_plugins import generate
-from mtp_plugins.decoding import engine
+from mtp_plugins.decoding import engine, kvcache
 
 VOCAB = 26
 
@@ -66,22 +66,29 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
     slots=st.one_of(st.just("auto"), st.integers(0, 5)),
     lookup=st.integers(0, 3),
     compact=st.booleans(),
+    cache=st.sampled_from(["dynamic", "static", "static-fixed-shapes"]),
 )
 def test_lossless_strategies_reproduce_greedy_with_every_limit(
-    batch, k, wrong_every, max_new, eos, stops, strategy, slots, lookup, compact
+    batch, k, wrong_every, max_new, eos, stops, strategy, slots, lookup, compact, cache
 ):
     ids, mask = batch
     model = ToyMTP(vocab=VOCAB, wrong_every=wrong_every, calibrated=True)
     name = "confadapt" if strategy.startswith("confadapt") else strategy
     slots = slots if slots == "auto" or name == "ar" else min(slots, k - 1)
-    # compact: drop the cache's holes as soon as a few are there (the default waits for long caches)
-    with patch.object(engine, "COMPACT_MIN", 4 if compact else engine.COMPACT_MIN), \
-            patch.object(engine, "COMPACT_BELOW", 0.9 if compact else engine.COMPACT_BELOW):
+    # compact: drop the cache's holes as soon as a few are there (the default waits for long caches);
+    # a static cache is then sized to the least that fits, so it compacts whenever the next block
+    # would overflow. "static-fixed-shapes" pads batch and block as for torch.compile (uncompiled).
+    with patch.object(kvcache, "COMPACT_MIN", 4 if compact else kvcache.COMPACT_MIN), \
+            patch.object(kvcache, "COMPACT_BELOW", 0.9 if compact else kvcache.COMPACT_BELOW), \
+            patch.object(kvcache, "CAPACITY_STEP", 1 if compact else kvcache.CAPACITY_STEP), \
+            patch.object(engine, "compiled_call", lambda model, mode: model.__call__):
         out = generate(
             model, ids, mask, strategy=name, k=k, tau=0.9, max_new_tokens=max_new,
             eos_token_id=[] if eos is None else eos, pad_token_id=0,
             stop_strings=stops or None, tokenizer=LetterTokenizer(),
             mask_slots=0 if name == "ar" and slots != "auto" else slots, draft_lookup=lookup,
+            cache=cache[:6] if cache != "dynamic" else "dynamic",
+            compile="default" if cache == "static-fixed-shapes" else False,
         )
     expected = reference(model, ids, mask, max_new, eos, stops)
     width = ids.shape[1]

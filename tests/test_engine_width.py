@@ -9,7 +9,7 @@ from conftest import PROMPTS, batch, build_model
 from toy import ToyMTP
 
 from mtp_plugins import add_mask_tokens, generate
-from mtp_plugins.decoding import engine
+from mtp_plugins.decoding import engine, kvcache
 from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.width import WidthPolicy
 
@@ -119,18 +119,19 @@ def test_lookup_drafts_verify_where_mask_drafts_fail():
 @pytest.fixture
 def eager_compaction(monkeypatch):
     """Compact short caches with few holes too, and count the compactions."""
-    monkeypatch.setattr(engine, "COMPACT_MIN", 8)
-    monkeypatch.setattr(engine, "COMPACT_BELOW", 0.8)
+    monkeypatch.setattr(kvcache, "COMPACT_MIN", 8)
+    monkeypatch.setattr(kvcache, "COMPACT_BELOW", 0.8)
     calls = []
-    original = engine._DecodeLoop._compact
+    original = kvcache.DynamicKV.compact
 
     def counted(self):
         before = self.valid.shape[1]
-        original(self)
+        done = original(self)
         if self.valid.shape[1] < before:
             calls.append((before, self.valid.shape[1]))
+        return done
 
-    monkeypatch.setattr(engine._DecodeLoop, "_compact", counted)
+    monkeypatch.setattr(kvcache.DynamicKV, "compact", counted)
     return calls
 
 

@@ -57,7 +57,10 @@ def test_literal_cli_run_writes_results_and_mtp_statistics(tiny_checkpoints, tmp
     assert all(sum(r["tokens_per_pass"]) == r["tokens"] and r["forward_passes"] >= 1 for r in records)
 
 
-@pytest.mark.parametrize("mtp_args", ["strategy=ar", "strategy=verify,k=4", "strategy=verify,k=4,mask_slots=3,draft_lookup=0"])
+@pytest.mark.parametrize(
+    "mtp_args",
+    ["strategy=ar", "strategy=verify,k=4", "strategy=verify,k=4,mask_slots=3,draft_lookup=0", "strategy=verify,k=4,cache=static"],
+)
 def test_mtp_generates_the_same_text_as_hf(mtp_args, tiny_checkpoints):
     ckpt = tiny_checkpoints["mtp"]
     hf = evaluate("hf", f"pretrained={ckpt}", ["gsm8k"], limit=4, batch_size=2, gen_kwargs=GEN)
@@ -155,13 +158,18 @@ def test_mtp_strategies_need_a_mask_token(tiny_checkpoints):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ("k=4,mask_slots=4", r"model_args mask_slots=4 is not allowed: use auto or an integer in \[0, 3\] \(k-1 for k=4\)"),
-        ("strategy=ar,mask_slots=1", r"mask_slots=1 is not allowed: use auto or an integer in \[0, 0\]"),
+        ("k=4,mask_slots=4",
+         r"model_args mask_slots=4 is not allowed: mask_slots must be 'auto' or an int in \[0, 3\] \(k-1 for k=4\)"),
+        ("strategy=ar,mask_slots=1", r"mask_slots=1 is not allowed: .* an int in \[0, 0\]"),
         ("mask_slots=some", r"mask_slots='some' is not allowed"),
-        ("draft_lookup=-1", r"model_args draft_lookup=-1 is not allowed: use an integer >= 0 \(0 turns it off\)"),
+        ("draft_lookup=-1",
+         r"model_args draft_lookup=-1 is not allowed: draft_lookup must be an int >= 0 \(the longest n-gram matched; 0: off\)"),
+        ("cache=paged", r"model_args cache='paged' is not allowed: cache must be one of \['dynamic', 'static'\]"),
+        ("compile=fast", r"model_args compile='fast' is not allowed: compile must be True, False or a torch.compile mode \[.*'reduce-overhead'"),
+        ("cache=dynamic,compile=true", r"model_args cache='dynamic' is not allowed: compile=True needs cache='static'"),
     ],
 )
-def test_bad_width_args_name_what_is_allowed(args, message, tiny_checkpoints):
+def test_bad_decoding_args_name_what_is_allowed(args, message, tiny_checkpoints):
     from lm_eval.api.registry import get_model
 
     from mtp_plugins.lm_eval.model import MTPArgumentError

@@ -64,11 +64,11 @@ class ToyMTP(torch.nn.Module):
         batch, width = input_ids.shape
         keys = input_ids.float()[:, None, :, None]
         values = position_ids.float()[:, None, :, None]
+        past = int(cache.get_seq_length())  # a static cache returns all its columns, used or not
         all_tokens, all_positions = cache.update(keys, values, 0)
-        tokens = all_tokens[:, 0, :, 0].long().tolist()
-        positions = all_positions[:, 0, :, 0].long().tolist()
+        tokens = all_tokens[:, 0, : past + width, 0].long().tolist()
+        positions = all_positions[:, 0, : past + width, 0].long().tolist()
         valid = attention_mask.bool().tolist()
-        past = len(tokens[0]) - width
         logits = torch.full((batch, width, self.config.vocab_size), -20.0)
         for b in range(batch):
             for q in range(width):

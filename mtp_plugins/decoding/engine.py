@@ -15,6 +15,8 @@ proposal j. The strategy chooses how many leading proposals each row emits. How 
 pass feeds is ``mask_slots``: all k-1, a fixed number, or (``"auto"``, for strategies that allow it)
 what the measured pass cost and acceptance make worth it (``width.py``). Strategies that verify
 drafts can also draft from the row's own text (``lookup.py``) where the mask proposals run short.
+The cache and its validity mask live in ``kvcache.py``: a growing ``DynamicCache`` (the default) or a
+preallocated ``StaticCache`` whose passes have fixed shapes for ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from mtp_plugins.checkpoint import read_mtp_spec
 from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.base import Decoder, Proposals
+from mtp_plugins.decoding.kvcache import DynamicKV, StaticKV, compiled_call
 from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
@@ -52,10 +55,6 @@ class _Row:
 #: Mask proposals at least this confident stay drafts; where they are less sure, drafts continue from
 #: the row's own text (``draft_lookup``), falling back to the remaining mask proposals.
 DRAFT_CONFIDENCE = 0.5
-#: The cache is compacted when its longest row holds at most this share of real entries ...
-COMPACT_BELOW = 0.5
-#: ... and it has at least this many columns.
-COMPACT_MIN = 64
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,8 @@ def generate(
     generator: torch.Generator | None = None,
     mask_slots: int | str = "auto",
     draft_lookup: int | None = None,
+    cache: str | None = None,
+    compile: bool | str = False,
 ) -> GenerateOutput:
     """Decode a batch with an MTP model; see ``GenerateOutput`` for what comes back.
 
@@ -103,11 +104,22 @@ def generate(
     method, fully reproducible). ``draft_lookup`` is the longest n-gram a draft-verifying strategy
     matches in the row's own text to draft where mask proposals are unsure (0: off; default: the
     strategy's ``draft_lookup``).
+
+    ``cache`` is where keys and values live: ``"dynamic"`` (the default: grows as needed, finished
+    rows leave the batch) or ``"static"`` (preallocated for the call, reused by later calls of the
+    same shape; ``mask_slots="auto"`` then feeds all k-1 slots). ``compile`` runs every pass after
+    the first through ``torch.compile`` at a few fixed shapes: ``True`` (mode ``"reduce-overhead"``,
+    i.e. CUDA graphs, on a GPU; ``"default"`` elsewhere) or a ``torch.compile`` mode name; it needs
+    (and implies) ``cache="static"``. Outputs are the same whatever the cache (up to the rounding of
+    a different kernel in low precision; exact in float32).
     """
     start = time.perf_counter()
     decoder = _make_decoder(strategy, k, tau, do_sample, temperature, top_p)
-    slots = _mask_slots(mask_slots, decoder)
-    lookup = _draft_lookup(draft_lookup, decoder)
+    static, mode = check_cache(cache, compile)
+    slots = check_mask_slots(mask_slots, decoder)
+    if static and slots is None:
+        slots = decoder.num_proposals - 1  # fixed shapes: the width policy would vary them
+    lookup = check_draft_lookup(draft_lookup, decoder)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     prompts = _prompt_rows(input_ids, attention_mask)
@@ -127,7 +139,7 @@ def generate(
         sampler = (lambda logits: sample_tokens(logits, temperature, top_p, generator)) if do_sample else None
         loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler, slots)
         with torch.inference_mode(), grouped_attention(model):
-            loop.run(rows)
+            loop.run(rows, static=static, mode=mode)
         stats.model_calls = len(loop.slots_per_call)
         stats.mask_slots_per_call = loop.slots_per_call
 
@@ -163,28 +175,43 @@ class _DecodeLoop:
         self.sampler = sampler
         self.device = model.get_input_embeddings().weight.device
         self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
-        self.cache = _new_cache(model)
-        self.valid: torch.Tensor  # [B, L] bool: cache slots that hold real tokens (holes are False)
+        self.kv: DynamicKV | StaticKV
         self.slots = len(mask_ids) if slots is None else min(slots, len(mask_ids))  # unless ``policy`` chooses
         self.policy = None
         if slots is None and mask_ids:
             cost = PassCost(model, self._forward_at, self.device, pass_width(len(mask_ids), decoder.feeds_drafts))
             self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost)
         self.slots_per_call: list[int] = []
-        # Holes can be dropped from plain per-layer key/value tensors (not sliding windows, not quantized).
-        layers = getattr(self.cache, "layers", None)
-        self._compactable = layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
-    def run(self, rows: list[_Row]) -> None:
+    def run(self, rows: list[_Row], static: bool = False, mode: str | None = None) -> None:
         self.active = list(rows)
         self.lookup_drafts = any(r.lookup is not None for r in rows)
         self.decoder.start(len(rows), self.device)
-        self.valid = torch.zeros((len(rows), 0), dtype=torch.bool, device=self.device)
-        self.real = [0] * len(rows)  # real (non-hole) cache entries of each active row, kept on the host
+        if static:
+            self.kv = self._static_kv(rows, mode)
+        else:
+            self.kv = DynamicKV(self.model, len(rows), self._forward_at, self.device)
         while self.active:
             self._step()
             self._retire_finished()
-            self._compact()
+            self.kv.compact()
+
+    def _static_kv(self, rows: list[_Row], mode: str | None) -> StaticKV:
+        if self.keep_kwarg != "logits_to_keep":
+            raise ValueError(
+                f"cache='static' needs a model whose forward takes logits_to_keep; {type(self.model).__name__} does not"
+            )
+        n = self.slots
+        feeds = self.decoder.feeds_drafts
+        # Pending tokens per row: at most k emitted, plus (draft strategies) up to n drafts; then n masks.
+        room = self.decoder.num_proposals + (n if feeds else 0) + n
+        if mode == "auto":
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        compiled = compiled_call(self.model, mode) if mode else None
+        return StaticKV(
+            self.model, len(rows), max(len(r.pending) for r in rows), self.limits.max_new_tokens, room,
+            pass_width(n, feeds), self.device, compiled, self.cache_kwarg,
+        )
 
     def _step(self) -> None:
         rows = self.active
@@ -196,7 +223,8 @@ class _DecodeLoop:
                     del r.pending[len(r.pending) - r.drafts + n_masks :]
                     r.drafts = n_masks
         mask_ids = self.mask_ids[:n_masks]
-        width = max(len(r.pending) for r in rows)  # pending columns of the block
+        # Pending columns of the block (wider where the cache feeds fixed shapes: holes on the left).
+        width = self.kv.columns(max(len(r.pending) for r in rows) + n_masks) - n_masks
         max_drafts = max(r.drafts for r in rows)
         # One host-to-device copy per pass: each row's hole count, first position id, then its tokens.
         packed = []
@@ -208,12 +236,10 @@ class _DecodeLoop:
         block = packed_t[:, 2:]  # [B, W], W = width + n_masks
         columns = torch.arange(block.shape[1], device=dev)
         positions = (packed_t[:, 1:2] + columns).clamp_(min=0)
-        attention = torch.cat([self.valid, columns >= packed_t[:, :1]], dim=1)  # [B, L + W]; holes are False
         keep = max_drafts + 1 + n_masks  # logits from the oldest last-decided token to the last mask
-        logits = self._forward(block, attention, positions, keep)  # [B, keep, V]
-        if n_masks:
-            self.cache.crop(-n_masks)
-        self.valid = attention[:, : attention.shape[1] - n_masks]
+        logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep))
+        logits = logits[:, -keep:]  # [B, keep, V]
+        self.kv.drop_tail(n_masks)
 
         proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts)
         chosen = self.decoder.select(proposals)  # [B]
@@ -229,17 +255,9 @@ class _DecodeLoop:
         outcomes: list[tuple[int, int]] = []
         fed = [len(r.pending) for r in rows]
         rejected = [self._advance(r, *h[:4], h[4:], outcomes) for r, h in zip(rows, host)]
-        self.real = [n + f - x for n, f, x in zip(self.real, fed, rejected)]
+        self.kv.settle(fed, rejected, width)  # rejected drafts keep their cache slots as holes
         if self.policy:
             self.policy.observe(outcomes)
-        if any(rejected):
-            # Rejected drafts keep their cache slots as holes.
-            cols = torch.arange(width, device=dev)
-            keep_cols = cols < (width - torch.tensor(rejected, device=dev))[:, None]
-            self.valid[:, -width:] &= keep_cols
-
-    def _forward(self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
-        return self._forward_at(block, attention, positions, self.cache, keep)
 
     def _forward_at(
         self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int
@@ -340,38 +358,13 @@ class _DecodeLoop:
         elif len(r.generated) >= limits.max_new_tokens:
             r.stats.stop_reason = "length"
 
-    def _compact(self) -> None:
-        """Drop the cache's holes once they are most of it (rejected drafts, padding of short rows).
-
-        Every pass appends as many columns as the widest row feeds, so holes pile up (with ``verify``
-        most drafts are rejected), and each later pass attends over them and copies them when the
-        cache grows. Keys carry their rotary positions already, so the real entries can move: each
-        row keeps its own in order, right-aligned, and the rest becomes left padding.
-        """
-        valid = self.valid
-        length = valid.shape[1]
-        if length < COMPACT_MIN or not self._compactable or not self.active:
-            return
-        longest = max(self.real)
-        if longest > COMPACT_BELOW * length:
-            return
-        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # [B, H, L, D]
-                setattr(layer, name, t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
-        self.valid = valid.gather(1, order)
-
     def _retire_finished(self) -> None:
         keep = [i for i, r in enumerate(self.active) if r.stats.stop_reason is None]
         if len(keep) == len(self.active):
             return
         self.active = [self.active[i] for i in keep]
-        self.real = [self.real[i] for i in keep]
         if keep:
-            index = torch.tensor(keep, device=self.device)
-            self.cache.batch_select_indices(index)
-            self.valid = self.valid[index]
+            self.kv.retire(keep)
 
 
 def _make_decoder(strategy: str, k: int, tau: float, do_sample: bool, temperature: float, top_p: float) -> Decoder:
@@ -397,7 +390,7 @@ def _make_decoder(strategy: str, k: int, tau: float, do_sample: bool, temperatur
     return decoder
 
 
-def _mask_slots(mask_slots: int | str, decoder: Decoder) -> int | None:
+def check_mask_slots(mask_slots: int | str, decoder: Decoder) -> int | None:
     """The fixed mask slots per pass, or None where the width policy chooses them per pass."""
     most = decoder.num_proposals - 1
     if mask_slots == "auto":
@@ -409,7 +402,8 @@ def _mask_slots(mask_slots: int | str, decoder: Decoder) -> int | None:
     return mask_slots
 
 
-def _draft_lookup(draft_lookup: int | None, decoder: Decoder) -> int:
+def check_draft_lookup(draft_lookup: int | None, decoder: Decoder) -> int:
+    """The n-gram length of lookup drafts this decoder uses (0: none)."""
     if draft_lookup is None:
         draft_lookup = decoder.draft_lookup
     if not isinstance(draft_lookup, int) or isinstance(draft_lookup, bool) or draft_lookup < 0:
@@ -473,10 +467,28 @@ def _pad_id(model: Any, pad_token_id: int | None, eos: list[int]) -> int:
     return int(pad_token_id)
 
 
-def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
+_CACHES = ("dynamic", "static")
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signature
-        return DynamicCache()
+
+def check_cache(cache: str | None, compile: bool | str) -> tuple[bool, str | None]:
+    """(static cache?, torch.compile mode or None; ``"auto"``: chosen by device)."""
+    if compile is None or compile is False:
+        mode = None
+    elif compile is True:
+        mode = "auto"
+    elif isinstance(compile, str):
+        modes = list(torch._inductor.list_mode_options())
+        if compile not in modes:
+            raise ValueError(f"compile must be True, False or a torch.compile mode {modes}, got {compile!r}")
+        mode = compile
+    else:
+        raise ValueError(f"compile must be True, False or a torch.compile mode name, got {compile!r}")
+    if cache is None:
+        cache = "static" if mode else "dynamic"
+    if cache not in _CACHES:
+        raise ValueError(f"cache must be one of {list(_CACHES)}, got {cache!r}")
+    if mode and cache != "static":
+        raise ValueError(
+            f"compile={compile!r} needs cache='static' (torch.compile needs fixed shapes), got cache={cache!r}"
+        )
+    return cache == "static", mode

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from mtp_plugins.decoding.kvcache import new_dynamic_cache
+
 DECAY = 0.98
 #: Before any outcome is seen (and again once old ones have decayed), a slot counts as taken half the
 #: time: worth trying where slots are cheap, not where they are dear.
@@ -86,11 +88,9 @@ class PassCost:
         return self.tables[key]
 
     def _measure(self, batch: int) -> dict[int, float]:
-        from mtp_plugins.decoding.engine import _new_cache
-
         vocab = self.model.get_input_embeddings().weight.shape[0]
         dev = self.device
-        cache = _new_cache(self.model)
+        cache = new_dynamic_cache(self.model)
         ids = torch.arange(batch * _CONTEXT, device=dev).remainder(vocab).view(batch, _CONTEXT)
         ones = torch.ones((batch, _CONTEXT), dtype=torch.bool, device=dev)
         positions = torch.arange(_CONTEXT, device=dev).expand(batch, -1)

@@ -8,7 +8,6 @@ strategy, so stop strings retire rows one by one, and every sample's decode stat
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections import defaultdict, deque
 from pathlib import Path
@@ -19,6 +18,7 @@ from lm_eval.models.huggingface import HFLM
 
 from mtp_plugins.checkpoint import CheckpointError, loading, read_mtp_spec, weights_source
 from mtp_plugins.decoding import generate
+from mtp_plugins.decoding.engine import check_cache, check_draft_lookup, check_mask_slots
 from mtp_plugins.lm_eval.stats import (
     SampleStats,
     aggregate,
@@ -44,9 +44,10 @@ class MTPLM(HFLM):
     ``strategy`` (a decoder name, default ``confadapt``), ``stats_path`` (the per-sample JSONL;
     default: beside lm-eval's ``--output_path`` results), ``report_to`` (opt-in hook plugins, joined
     by ``+``, e.g. ``report_to=wandb+tensorboard``), ``allow_pickle`` (default false: weights load
-    from safetensors only), ``mask_slots`` (``auto``, the default, or 0..k-1) and ``draft_lookup``
-    (n-gram drafts for ``verify``; 0 turns them off), as for ``mtp_plugins.generate``. Every ``hf``
-    model_arg works as for ``hf``.
+    from safetensors only), ``mask_slots`` (``auto``, the default, or 0..k-1), ``draft_lookup``
+    (n-gram drafts for ``verify``; 0 turns them off), ``cache`` (``dynamic`` or ``static``) and
+    ``compile`` (``true`` or a ``torch.compile`` mode; implies ``cache=static``), as for
+    ``mtp_plugins.generate``. Every ``hf`` model_arg works as for ``hf``.
     After each batch of generation requests the ``mtp_generation_finished`` hook of every active hook
     plugin receives the decode statistics.
     """
@@ -63,9 +64,13 @@ class MTPLM(HFLM):
         allow_pickle: bool = False,
         mask_slots: int | str = "auto",
         draft_lookup: int | None = None,
+        cache: str | None = None,
+        compile: bool | str = False,
         **kwargs: Any,
     ) -> None:
         decoder_cls = _check_args(k, tau, strategy)
+        _checked("compile", compile, lambda: check_cache(None, compile))
+        _checked("cache", cache, lambda: check_cache(cache, compile))
         if not isinstance(allow_pickle, bool):
             raise MTPArgumentError(f"model_args allow_pickle={allow_pickle!r} is not allowed: use true or false")
         if "use_safetensors" in kwargs:
@@ -90,19 +95,10 @@ class MTPLM(HFLM):
         self.tau = float(tau)
         self.strategy = strategy
         decoder = decoder_cls(k=self.k, tau=self.tau)
-        slots_allowed = decoder.num_proposals - 1
-        if mask_slots != "auto" and (
-            not isinstance(mask_slots, int) or isinstance(mask_slots, bool) or not 0 <= mask_slots <= slots_allowed
-        ):
-            raise MTPArgumentError(
-                f"model_args mask_slots={mask_slots!r} is not allowed: use auto or an integer in [0, {slots_allowed}] "
-                f"(k-1 for k={self.k})"
-            )
-        if draft_lookup is not None and (not isinstance(draft_lookup, int) or isinstance(draft_lookup, bool) or draft_lookup < 0):
-            raise MTPArgumentError(
-                f"model_args draft_lookup={draft_lookup!r} is not allowed: use an integer >= 0 (0 turns it off)"
-            )
+        _checked("mask_slots", mask_slots, lambda: check_mask_slots(mask_slots, decoder))
+        _checked("draft_lookup", draft_lookup, lambda: check_draft_lookup(draft_lookup, decoder))
         self.mask_slots, self.draft_lookup = mask_slots, draft_lookup
+        self.cache, self.compile = cache, compile
         if decoder.num_proposals > 1:
             if spec is None:
                 raise MTPArgumentError(
@@ -201,6 +197,8 @@ class MTPLM(HFLM):
                 top_p=float(top_p),
                 mask_slots=self.mask_slots,
                 draft_lookup=self.draft_lookup,
+                cache=self.cache,
+                compile=self.compile,
             )
         self._record(out.stats, context.shape[0])
         return out.sequences
@@ -268,6 +266,14 @@ class MTPLM(HFLM):
         info = super().get_model_info()
         info["mtp"] = self.mtp_summary()
         return info
+
+
+def _checked(name: str, value: Any, check: Any) -> None:
+    """Run an engine argument check; its ValueError becomes a model_args error naming the argument."""
+    try:
+        check()
+    except ValueError as error:
+        raise MTPArgumentError(f"model_args {name}={value!r} is not allowed: {error}") from None
 
 
 def _check_args(k: Any, tau: Any, strategy: Any) -> type:

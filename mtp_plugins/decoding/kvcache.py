@@ -1,0 +1,275 @@
+"""Where the decode engine keeps keys and values between passes.
+
+Both kinds hold, besides the model's cache, ``valid``: which cache columns of each row hold real
+tokens (holes: the left padding of short rows, rejected drafts). The engine feeds a block of new
+columns per pass, drops the block's trailing mask slots afterwards, and marks rejected drafts.
+
+- ``DynamicKV`` (the default): HF's ``DynamicCache``. It grows by each pass's block, finished rows
+  leave the batch, and the holes are dropped once they are most of it.
+- ``StaticKV`` (``cache="static"``): HF's ``StaticCache``, preallocated for the whole call, so every
+  tensor keeps its address and (with ``compile``) every pass after the first has one of a few fixed
+  shapes, as ``torch.compile`` with CUDA graphs needs: the batch is padded to a power of two and
+  finished rows stay as idle rows, the block is padded on the left with holes to a power-of-two
+  width, the cache length is rounded up to a multiple of ``CAPACITY_STEP``, and the logits kept per
+  row are the most any pass needs. Holes are dropped only when the next block would not fit.
+  The first pass (the prompt) always runs eagerly.
+
+Moving cached entries is safe because keys already carry their rotary positions; each row keeps its
+real entries in order, right-aligned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: A dynamic cache is compacted when its longest row holds at most this share of real entries ...
+COMPACT_BELOW = 0.5
+#: ... and it has at least this many columns.
+COMPACT_MIN = 64
+#: A static cache's length is rounded up to a multiple of this, so calls with similar prompt lengths
+#: share compiled graphs (and the preallocated cache).
+CAPACITY_STEP = 512
+
+#: (block, attention, positions, cache, keep) -> logits [B, keep, V]
+Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, int], torch.Tensor]
+
+
+def new_dynamic_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older signature
+        return DynamicCache()
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _KV:
+    """What both kinds share: the real-entry counts per active row (kept on the host) and holes."""
+
+    cache: Any
+
+    def __init__(self, batch: int) -> None:
+        self.real = [0] * batch  # real (non-hole) cache entries of each active row
+
+    def columns(self, width: int) -> int:
+        """How many columns a pass whose rows need ``width`` is fed as (extra columns are holes)."""
+        return width
+
+    def logits_kept(self, keep: int) -> int:
+        """How many trailing logits per row to compute when the pass needs ``keep``."""
+        return keep
+
+    def settle(self, fed: list[int], rejected: list[int], width: int) -> None:
+        """After a pass whose block had ``width`` columns before its mask slots: each active row cached
+        ``fed`` tokens, the last ``rejected`` of which (rejected drafts) are holes now."""
+        self.real = [n + f - x for n, f, x in zip(self.real, fed, rejected)]
+        if any(rejected):
+            tail = self._tail(width)
+            cols = torch.arange(width, device=tail.device)
+            tail &= cols < (width - torch.tensor(rejected, device=tail.device))[:, None]
+            self._set_tail(width, tail)
+
+    def _tail(self, width: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class DynamicKV(_KV):
+    def __init__(self, model: Any, batch: int, call: Call, device: torch.device) -> None:
+        super().__init__(batch)
+        self.call = call
+        self.cache = new_dynamic_cache(model)
+        self.valid = torch.zeros((batch, 0), dtype=torch.bool, device=device)  # [B, L]
+        # Holes can be dropped from plain per-layer key/value tensors (not sliding windows, not quantized).
+        layers = getattr(self.cache, "layers", None)
+        self.compactable = layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+    def forward(self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        attention = torch.cat([self.valid, block_valid], dim=1)  # [B, L + W]; holes are False
+        logits = self.call(block, attention, positions, self.cache, keep)
+        self.valid = attention
+        return logits
+
+    def drop_tail(self, n: int) -> None:
+        """Drop the last ``n`` columns (the pass's mask slots)."""
+        if n:
+            self.cache.crop(-n)
+            self.valid = self.valid[:, : self.valid.shape[1] - n]
+
+    def _tail(self, width: int) -> torch.Tensor:
+        return self.valid[:, -width:]
+
+    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
+        pass  # ``_tail`` is a view: already written
+
+    def retire(self, keep: list[int]) -> None:
+        """Keep only the active rows at ``keep`` (the others finished)."""
+        self.real = [self.real[i] for i in keep]
+        index = torch.tensor(keep, device=self.valid.device)
+        self.cache.batch_select_indices(index)
+        self.valid = self.valid[index]
+
+    def compact(self) -> bool:
+        """Drop the holes once they are most of the cache (rejected drafts, padding of short rows).
+
+        Every pass appends as many columns as the widest row feeds, so holes pile up (with ``verify``
+        most drafts are rejected), and each later pass attends over them and copies them when the
+        cache grows. Returns whether it compacted.
+        """
+        length = self.valid.shape[1]
+        if length < COMPACT_MIN or not self.compactable or not self.real:
+            return False
+        longest = max(self.real)
+        if longest > COMPACT_BELOW * length:
+            return False
+        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [B, H, L, D]
+                setattr(layer, name, t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+        self.valid = self.valid.gather(1, order)
+        return True
+
+
+class StaticKV(_KV):
+    """A preallocated cache of ``slots`` rows x ``capacity`` columns; see the module docstring.
+
+    ``room`` is the most columns any pass after the first feeds; ``keep`` the most logits per row any
+    pass needs. ``compiled`` (``torch.compile`` of the model's call) runs the passes after the first,
+    at fixed shapes; without it the batch and block are not padded.
+    """
+
+    def __init__(
+        self, model: Any, batch: int, prompt_width: int, max_new_tokens: int, room: int, keep: int,
+        device: torch.device, compiled: Callable[..., Any] | None, cache_kwarg: str,
+    ) -> None:
+        super().__init__(batch)
+        self.model = model
+        self.compiled = compiled
+        self.cache_kwarg = cache_kwarg
+        self.keep = keep
+        self.slots = _pow2(batch) if compiled else batch
+        self.room = _pow2(room) if compiled else room
+        # After a compaction the longest row holds at most prompt + generated entries: a block fits.
+        needed = max(prompt_width, prompt_width + max_new_tokens) + self.room
+        self.capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
+        self.cache = _static_cache(model, self.slots, self.capacity)
+        self.length = 0  # columns in use
+        self.valid = torch.zeros((self.slots, self.capacity), dtype=torch.bool, device=device)
+        self.rows = torch.arange(batch, device=device)  # the slot of each active row
+        self.compactions = 0
+
+    def columns(self, width: int) -> int:
+        return _pow2(width) if self.compiled and self.length else width
+
+    def logits_kept(self, keep: int) -> int:
+        return self.keep if self.compiled else keep
+
+    def forward(self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        width = block.shape[1]
+        if self.length + width > self.capacity:
+            self._compact()
+        if self.length + width > self.capacity:
+            raise RuntimeError(f"static cache overflow: {self.length} + {width} columns > capacity {self.capacity}")
+        rows, begin, end = self.rows, self.length, self.length + width
+        idle = len(rows) < self.slots
+        if idle:  # idle rows attend to their own block only (never to nothing)
+            ids = block.new_zeros((self.slots, width))
+            ids[rows] = block
+            new_valid = torch.ones((self.slots, width), dtype=torch.bool, device=block.device)
+            new_valid[rows] = block_valid
+            pos = torch.arange(width, device=block.device).repeat(self.slots, 1)
+            pos[rows] = positions
+            block, block_valid, positions = ids, new_valid, pos
+        attention = self.valid.clone()
+        attention[:, begin:end] = block_valid
+        compiled = self.compiled is not None and begin > 0
+        call = self.compiled if compiled else self.model
+        if compiled and block.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        kwargs = {self.cache_kwarg: self.cache, "use_cache": True, "logits_to_keep": keep}
+        logits = call(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs).logits
+        if compiled:  # the output buffer of a CUDA graph is reused by the next pass
+            logits = logits.clone()
+        self.valid[rows, begin:end] = block_valid[rows] if idle else block_valid
+        self.length = end
+        return logits[rows] if idle else logits
+
+    def drop_tail(self, n: int) -> None:
+        if n:
+            self.cache.crop(-n)
+            self.valid[:, self.length - n : self.length] = False
+            self.length -= n
+
+    def _tail(self, width: int) -> torch.Tensor:
+        return self.valid[self.rows, self.length - width : self.length]
+
+    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
+        self.valid[self.rows, self.length - width : self.length] = tail
+
+    def retire(self, keep: list[int]) -> None:
+        self.real = [self.real[i] for i in keep]
+        kept = self.rows[torch.tensor(keep, dtype=torch.long, device=self.rows.device)]
+        gone = torch.ones(self.slots, dtype=torch.bool, device=self.rows.device)
+        gone[kept] = False
+        self.valid[gone] = False  # an idle row's entries are never read again
+        self.rows = kept
+
+    def compact(self) -> bool:
+        return False  # attention always spans the whole capacity: holes cost nothing until it fills
+
+    def _compact(self) -> None:
+        """Move each row's real entries to the start of the cache (right-aligned at the longest row)."""
+        length = self.length
+        longest = max(self.real, default=0)
+        order = torch.sort(self.valid[:, :length].to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)  # [S, H, capacity, D], written in place: its address is fixed
+                moved = t[:, :, :length].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                t[:, :, :longest].copy_(moved)
+            layer.cumulative_length.fill_(longest)
+        moved_valid = self.valid[:, :length].gather(1, order)
+        self.valid.zero_()
+        self.valid[:, :longest] = moved_valid
+        self.length = longest
+        self.compactions += 1
+
+
+def _static_cache(model: Any, slots: int, capacity: int) -> Any:
+    """A ``StaticCache`` for ``model``, reused from the last call with the same shape (CUDA graphs
+    recorded on its tensors stay valid), emptied."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    key = (slots, capacity)
+    held = model.__dict__.get("_mtp_static_cache")
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if kinds:
+        raise ValueError(
+            f"cache='static' needs full attention in every layer (plain StaticLayer), but this model's "
+            f"static cache has {', '.join(kinds)}; use cache='dynamic'"
+        )
+    model.__dict__["_mtp_static_cache"] = (key, cache)  # one per model: the last shape used
+    return cache
+
+
+def compiled_call(model: Any, mode: str) -> Callable[..., Any]:
+    """``torch.compile`` of the model's call in ``mode``, made once per model and mode."""
+    held = model.__dict__.setdefault("_mtp_compiled", {})
+    if mode not in held:
+        held[mode] = torch.compile(model.__call__, mode=mode, dynamic=False)
+    return held[mode]
