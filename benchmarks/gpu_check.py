@@ -11,10 +11,14 @@ Three parts, cheapest and most important first:
    feeding 1 token + (k-1) mask slots, k in {1, 2, 4, 8, 16}, mask entries cropped from the cache
    afterwards (as the engine does), at batch 1, 8 and 32;
 3. tokens/s of ``mtp_plugins.generate`` with ``ar`` and ``static`` k in {2, 4, 8, 16} at a fixed
-   length (no EOS), same batches (prefill of the prompt included, as a caller sees it).
+   length (no EOS), same batches (prefill of the prompt included, as a caller sees it);
+4. the compiled path (``compile=True``: static KV cache, ``torch.compile`` with CUDA graphs) for
+   ``ar`` and ``static`` k=8 at the batches of ``--compile-batches``: the first call's seconds (it
+   compiles), then tokens/s and milliseconds per model call against the eager engine; plus, in part
+   1, ``verify`` k=4 compiled == HF ``generate``.
 
-It prints one markdown table (batch | k | ms/pass | pass cost vs ar | tokens/s | tokens/s vs ar),
-the exactness lines, the peak GPU memory per batch size and the target: a ``static`` k=8 pass costs
+It prints two markdown tables (batch | k | ms/pass | pass cost vs ar | tokens/s | tokens/s vs ar; and
+the compiled path's), the exactness lines, the peak GPU memory per batch size and the target: a ``static`` k=8 pass costs
 <= 1.2x an ``ar`` pass at batch 1 (decoding one row is memory-bound, so extra query tokens should be
 nearly free). Sized to finish in about 2-3 minutes on one H200 (well under 8)::
 
@@ -151,11 +155,14 @@ def exactness(device: torch.device, tiny: bool) -> tuple[list[tuple[str, bool, s
                                     eos_token_id=[], pad_token_id=0).sequences
 
     ar = engine("ar", 1)
+    compiled = mtp_plugins.generate(model, ids, mask, strategy="verify", k=4, max_new_tokens=max_new,
+                                    eos_token_id=[], pad_token_id=0, compile=True).sequences
     checks = []
     for name, got, want in [
         ("engine ar == HF generate(do_sample=False)", ar, hf),
         ("engine verify k=4 == HF generate(do_sample=False)", engine("verify", 4), hf),
         ("engine static k=1 == engine ar", engine("static", 1), ar),
+        ("engine verify k=4 compile=True == HF generate(do_sample=False)", compiled, hf),
     ]:
         same = got.shape == want.shape and torch.equal(got, want)
         rows = sum(torch.equal(a, b) for a, b in zip(got, want)) if got.shape == want.shape else 0
@@ -236,6 +243,41 @@ def throughput(model, prompt: torch.Tensor, ks, max_new: int, repeats: int) -> d
     return {k: statistics.median(r) for k, r in rates.items()}
 
 
+# --- 4. the compiled path ------------------------------------------------------------------------
+
+COMPILED_KS = (1, 8)
+COMPILED_HEADER = ("| batch | k | first call s (compiles) | tokens/s eager | tokens/s compiled | compiled vs eager "
+                   "| ms/call compiled | call cost vs ar (compiled) |")
+
+
+def compiled_throughput(model, prompt: torch.Tensor, ks, max_new: int, repeats: int) -> dict[int, tuple[float, float, float]]:
+    """For each k: (seconds of the first ``compile=True`` call, which compiles; median tokens/s of the
+    next ``repeats`` calls; their median milliseconds per model call, prefill included)."""
+    device = prompt.device
+    mask = torch.ones_like(prompt)
+
+    def call(k: int) -> tuple[float, float, int]:
+        sync(device)
+        start = time.perf_counter()
+        out = mtp_plugins.generate(model, prompt, mask, strategy="ar" if k == 1 else "static", k=k,
+                                   max_new_tokens=max_new, eos_token_id=[], pad_token_id=0, compile=True)
+        sync(device)
+        seconds = time.perf_counter() - start
+        if out.stats.tokens != prompt.shape[0] * max_new:
+            raise RuntimeError(f"compiled k={k}: {out.stats.tokens} tokens, expected {prompt.shape[0] * max_new}")
+        return seconds, out.stats.tokens, out.stats.model_calls
+
+    first = {k: call(k)[0] for k in ks}  # same shapes as the timed calls: everything compiles here
+    runs: dict[int, list[tuple[float, int, int]]] = {k: [] for k in ks}
+    for _ in range(repeats):
+        for k in ks:
+            runs[k].append(call(k))
+    return {
+        k: (first[k], statistics.median(t / s for s, t, _ in r), statistics.median(1000 * s / c for s, _, c in r))
+        for k, r in runs.items()
+    }
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -277,6 +319,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (tiny 16)")
     parser.add_argument("--passes", type=int, default=None, help="timed passes per k (default 30; tiny 7)")
     parser.add_argument("--repeats", type=int, default=None, help="timed generate calls per k (default 3; tiny 1)")
+    parser.add_argument("--compile-batches", default=None,
+                        help="batch sizes of the compiled path (default 1,8; tiny 1; 'none' skips it)")
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="skip the tokens/s of the remaining batch sizes once this many seconds have passed")
     parser.add_argument("--out", type=Path, help="also write the markdown report here (atomically)")
@@ -290,6 +334,8 @@ def main() -> int:
         sys.exit("gpu_check: the Llama-3.2-1B-shaped model is for a GPU; on a CPU use --tiny")
     tiny = args.tiny
     batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2,4" if tiny else "1,8,32")).split(",")]
+    compile_arg = args.compile_batches or ("1" if tiny else "1,8")
+    compile_batches = [] if compile_arg == "none" else [int(b) for b in compile_arg.split(",")]
     prompt_len = args.prompt_len or (16 if tiny else 512)
     max_new = args.max_new_tokens or (16 if tiny else 128)
     passes = args.passes or (7 if tiny else 30)
@@ -329,7 +375,92 @@ def main() -> int:
     rates: dict[int, dict[int, float] | None] = {}
     peaks: dict[int, float | None] = {}
     section_s: dict[int, tuple[float, float]] = {}
-    for batch in batch_sizes:
+    compiled: dict[int, dict[int, tuple[float, float, float]] | None] = {}
+
+    def render(final: bool) -> str:
+        """The markdown report of what has run so far (written after every section, so a run cut
+        short by a timeout still leaves its measurements)."""
+        elapsed = time.perf_counter() - started
+        ratio = costs[1][8] / costs[1][1] if 1 in costs else None
+        lines = [
+            "# GPU check: MTP decode cost on a Llama-3.2-1B-shaped model" + (" (--tiny: checks the script only)" if tiny else ""),
+            "",
+            f"Command: `python {' '.join(sys.argv)}`  ",
+            f"Date: {date.today()}; device: {machine(device)}  ",
+            f"Model: {'tiny' if tiny else 'Llama-3.2-1B-shaped'} random Llama ({params / 1e6:.1f} M parameters, "
+            f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, {shape['num_attention_heads']}/"
+            f"{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']} + 1 mask token), {args.dtype}, sdpa. "
+            f"ms/pass: median of {passes} passes (after {warmup} warm-up) of 1 token + (k-1) mask slots at a "
+            f"{prompt_len}-token cache, mask entries cropped, synchronized. tokens/s: `mtp_plugins.generate`, "
+            f"random {prompt_len}-token prompts, exactly {max_new} new tokens per row (no EOS), prefill included, "
+            f"median of {repeats}. k=1 is `ar`; k > 1 is `static` (emits all k proposals every pass).",
+            "",
+            HEADER,
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for batch in batch_sizes:
+            if batch not in costs:
+                lines.append(f"| {batch} | - | not run | | | |")
+                continue
+            c, r = costs[batch], rates.get(batch)
+            for k in KS:
+                tps = f"{r[k]:.0f}" if r else "skipped"
+                tps_ratio = f"{r[k] / r[1]:.2f}x" if r else "-"
+                label = "1 (ar)" if k == 1 else str(k)
+                lines.append(f"| {batch} | {label} | {1000 * c[k]:.2f} | {c[k] / c[1]:.2f}x | {tps} | {tps_ratio} |")
+        if compile_batches:
+            lines += [
+                "",
+                "The compiled path (`compile=True`: static KV cache, `torch.compile` mode "
+                f"{'reduce-overhead (CUDA graphs)' if device.type == 'cuda' else 'default'}), same prompts and lengths; "
+                "tokens/s eager is the table above; ms/call = wall seconds / model calls of a `generate` call "
+                f"(prefill and bookkeeping included), median of {repeats}:",
+                "",
+                COMPILED_HEADER,
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for batch in compile_batches:
+                c = compiled.get(batch)
+                for k in COMPILED_KS:
+                    label = "1 (ar)" if k == 1 else str(k)
+                    if c is None:
+                        lines.append(f"| {batch} | {label} | skipped | | | | | |")
+                        continue
+                    first, rate, ms = c[k]
+                    eager = (rates.get(batch) or {}).get(k)
+                    lines.append(
+                        f"| {batch} | {label} | {first:.1f} | {f'{eager:.0f}' if eager else '-'} | {rate:.0f} | "
+                        f"{f'{rate / eager:.2f}x' if eager else '-'} | {ms:.2f} | {ms / c[1][2]:.2f}x |"
+                    )
+        lines += ["", f"Exactness on the device ({exact_setup}):", ""]
+        lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok, _ in checks]
+        lines += ["", "Target:", ""]
+        if ratio is not None:
+            verdict = "MET" if ratio <= TARGET else "NOT MET"
+            lines.append(f"- static k=8 pass / ar pass at batch 1 = {ratio:.3f} (target <= {TARGET}): {verdict}"
+                         + (" (tiny CPU run: not a measurement of the target)" if tiny or device.type != "cuda" else ""))
+        else:
+            lines.append("- static k=8 pass / ar pass at batch 1: not measured (batch 1 not in --batch-sizes)")
+        lines += ["", "Peak memory (torch.cuda.max_memory_allocated, weights included):", ""]
+        for batch in batch_sizes:
+            peak = peaks.get(batch)
+            lines.append(f"- batch {batch}: " + (f"{peak:.2f} GiB" if peak is not None else "n/a (not on CUDA)"))
+        lines += [
+            "",
+            f"Elapsed: {elapsed:.0f} s in all, imports included (exactness {exact_s:.0f} s, model build {build_s:.0f} s; "
+            + "; ".join(f"batch {b}: passes {p:.0f} s, generate {g:.0f} s" for b, (p, g) in section_s.items()) + ")",
+            "",
+        ]
+        if not final:
+            lines.insert(1, "\nPartial report: the run has not finished (or was cut short).")
+        return "\n".join(lines)
+
+    def checkpoint(section: str) -> None:
+        if args.out:
+            write_atomically(args.out, render(final=False))
+            log(f"gpu_check: {section} done; partial report in {args.out}")
+
+    def eager_section(batch: int) -> None:
         prompt = random_prompts(batch, prompt_len, shape["vocab_size"], device, seed=batch)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,52 +479,31 @@ def main() -> int:
                 + ", ".join(f"k={k} {r:.0f}" for k, r in rates[batch].items()) + f" [{time.perf_counter() - t1:.0f} s]")
         section_s[batch] = (t1 - t0, time.perf_counter() - t1)
         peaks[batch] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        checkpoint(f"batch {batch}")
 
-    elapsed = time.perf_counter() - started
-    ratio = costs[1][8] / costs[1][1] if 1 in costs else None
-    lines = [
-        "# GPU check: MTP decode cost on a Llama-3.2-1B-shaped model" + (" (--tiny: checks the script only)" if tiny else ""),
-        "",
-        f"Command: `python {' '.join(sys.argv)}`  ",
-        f"Date: {date.today()}; device: {machine(device)}  ",
-        f"Model: {'tiny' if tiny else 'Llama-3.2-1B-shaped'} random Llama ({params / 1e6:.1f} M parameters, "
-        f"{shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, {shape['num_attention_heads']}/"
-        f"{shape['num_key_value_heads']} heads, vocab {shape['vocab_size']} + 1 mask token), {args.dtype}, sdpa. "
-        f"ms/pass: median of {passes} passes (after {warmup} warm-up) of 1 token + (k-1) mask slots at a "
-        f"{prompt_len}-token cache, mask entries cropped, synchronized. tokens/s: `mtp_plugins.generate`, "
-        f"random {prompt_len}-token prompts, exactly {max_new} new tokens per row (no EOS), prefill included, "
-        f"median of {repeats}. k=1 is `ar`; k > 1 is `static` (emits all k proposals every pass).",
-        "",
-        HEADER,
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+    def compiled_section(batch: int) -> None:
+        if time.perf_counter() - started > args.budget_s:
+            compiled[batch] = None
+            log(f"gpu_check: batch {batch} compiled path skipped: past the {args.budget_s:.0f} s budget")
+            return
+        prompt = random_prompts(batch, prompt_len, shape["vocab_size"], device, seed=batch)
+        t0 = time.perf_counter()
+        compiled[batch] = compiled_throughput(model, prompt, COMPILED_KS, max_new, repeats)
+        log(f"gpu_check: batch {batch} compiled: "
+            + ", ".join(f"k={k} first call {f:.0f} s, {r:.0f} tokens/s, {ms:.2f} ms/call"
+                        for k, (f, r, ms) in compiled[batch].items()) + f" [{time.perf_counter() - t0:.0f} s]")
+        checkpoint(f"batch {batch} compiled")
+
+    # Each batch's compiled run follows its eager run, so a run cut short keeps the most useful part.
     for batch in batch_sizes:
-        c, r = costs[batch], rates[batch]
-        for k in KS:
-            tps = f"{r[k]:.0f}" if r else "skipped"
-            tps_ratio = f"{r[k] / r[1]:.2f}x" if r else "-"
-            label = "1 (ar)" if k == 1 else str(k)
-            lines.append(f"| {batch} | {label} | {1000 * c[k]:.2f} | {c[k] / c[1]:.2f}x | {tps} | {tps_ratio} |")
-    lines += ["", f"Exactness on the device ({exact_setup}):", ""]
-    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok, _ in checks]
-    lines += ["", "Target:", ""]
-    if ratio is not None:
-        verdict = "MET" if ratio <= TARGET else "NOT MET"
-        lines.append(f"- static k=8 pass / ar pass at batch 1 = {ratio:.3f} (target <= {TARGET}): {verdict}"
-                     + (" (tiny CPU run: not a measurement of the target)" if tiny or device.type != "cuda" else ""))
-    else:
-        lines.append("- static k=8 pass / ar pass at batch 1: not measured (batch 1 not in --batch-sizes)")
-    lines += ["", "Peak memory (torch.cuda.max_memory_allocated, weights included):", ""]
-    for batch in batch_sizes:
-        peak = peaks[batch]
-        lines.append(f"- batch {batch}: " + (f"{peak:.2f} GiB" if peak is not None else "n/a (not on CUDA)"))
-    lines += [
-        "",
-        f"Elapsed: {elapsed:.0f} s in all, imports included (exactness {exact_s:.0f} s, model build {build_s:.0f} s; "
-        + "; ".join(f"batch {b}: passes {p:.0f} s, generate {g:.0f} s" for b, (p, g) in section_s.items()) + ")",
-        "",
-    ]
-    report = "\n".join(lines)
+        eager_section(batch)
+        if batch in compile_batches:
+            compiled_section(batch)
+    for batch in compile_batches:
+        if batch not in batch_sizes:
+            compiled_section(batch)
+
+    report = render(final=True)
     print(report, flush=True)
     if args.out:
         write_atomically(args.out, report)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # GPU check of MTP decoding (benchmarks/gpu_check.py) on one CUDA GPU, sized for under 8 minutes:
-# exactness on the device, per-pass cost and tokens/s of `ar` vs `static` k in {2, 4, 8, 16} on a
-# Llama-3.2-1B-shaped random model in bf16 at batch 1, 8 and 32. No hub access needed.
+# exactness on the device (eager and compiled), per-pass cost and tokens/s of `ar` vs `static` k in
+# {2, 4, 8, 16} on a Llama-3.2-1B-shaped random model in bf16 at batch 1, 8 and 32, and the compiled
+# path (compile=True: static cache + CUDA graphs) for `ar` and `static` k=8 at batch 1 and 8. The
+# report is rewritten after every section, so a run cut short by the timeout keeps what it measured.
+# No hub access needed.
 #
 #   bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu_check.md
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh --batch-sizes 1,8
