@@ -17,7 +17,7 @@ from common import SHARED_GSM8K, gsm8k_prompts, header, publish
 
 import mtp_plugins
 from mtp_plugins import load_checkpoint
-from mtp_plugins.decoding import engine
+from mtp_plugins.decoding import kvcache
 
 
 def main() -> None:
@@ -34,15 +34,16 @@ def main() -> None:
     tokenizer.padding_side = "left"
     prompts = gsm8k_prompts(SHARED_GSM8K, args.prompts, args.shots)
     compactions = []
-    compact = engine._DecodeLoop._compact
+    compact = kvcache.DynamicKV.compact
 
-    def counted(loop: engine._DecodeLoop) -> None:
-        before = loop.valid.shape[1]
-        compact(loop)
-        if loop.valid.shape[1] < before:
-            compactions.append(before - loop.valid.shape[1])
+    def counted(kv: kvcache.DynamicKV) -> bool:
+        before = kv.valid.shape[1]
+        done = compact(kv)
+        if kv.valid.shape[1] < before:
+            compactions.append(before - kv.valid.shape[1])
+        return done
 
-    engine._DecodeLoop._compact = counted
+    kvcache.DynamicKV.compact = counted
     lines = [
         *header("Cache compaction: verify with and without"),
         f"Model: {args.model} (bf16); {len(prompts)} GSM8K prompts, {args.shots}-shot, `verify` k=8 as shipped, stop "
@@ -51,7 +52,7 @@ def main() -> None:
         "| batch | compaction | seconds | tokens | tokens/s | on / off | compactions (columns dropped) per run |",
         "|---|---|---|---|---|---|---|",
     ]
-    default = engine.COMPACT_MIN
+    default = kvcache.COMPACT_MIN
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         encs = [tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True) for i in range(0, len(prompts), batch)]
         times: dict[str, list[float]] = {"on": [], "off": []}
@@ -59,7 +60,7 @@ def main() -> None:
         dropped: dict[str, tuple[int, int]] = {}
         for _ in range(args.repeats + 1):  # the first round warms up
             for mode in ("on", "off"):
-                engine.COMPACT_MIN = default if mode == "on" else 1 << 40
+                kvcache.COMPACT_MIN = default if mode == "on" else 1 << 40
                 compactions.clear()
                 start = time.perf_counter()
                 tokens[mode] = sum(
@@ -70,7 +71,7 @@ def main() -> None:
                 )
                 times[mode].append(time.perf_counter() - start)
                 dropped[mode] = (len(compactions), sum(compactions))
-        engine.COMPACT_MIN = default
+        kvcache.COMPACT_MIN = default
         seconds = {m: statistics.median(t[1:]) for m, t in times.items()}
         for mode in ("on", "off"):
             lines.append(f"| {batch} | {mode} | {seconds[mode]:.1f} | {tokens[mode]} | {tokens[mode] / seconds[mode]:.1f} | "
