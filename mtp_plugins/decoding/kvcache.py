@@ -9,8 +9,8 @@ columns per pass, drops the block's trailing mask slots afterwards, and marks re
 - ``StaticKV`` (``cache="static"``): HF's ``StaticCache``, preallocated for the whole call, so every
   tensor keeps its address and (with ``compile``) every pass after the first has one of a few fixed
   shapes, as ``torch.compile`` with CUDA graphs needs: the batch is padded to a power of two and
-  finished rows stay as idle rows, the block is padded on the left with holes to a power-of-two
-  width, the cache length is rounded up to a multiple of ``CAPACITY_STEP``, and the logits kept per
+  finished rows stay as idle rows until the active ones fit a cache half the size (they move there),
+  the block is padded on the left with holes to a power-of-two width, the cache length is rounded up to a multiple of ``CAPACITY_STEP``, and the logits kept per
   row are the most any pass needs. Holes are dropped only when the next block would not fit.
   The first pass (the prompt) always runs eagerly.
 
@@ -219,10 +219,29 @@ class StaticKV(_KV):
     def retire(self, keep: list[int]) -> None:
         self.real = [self.real[i] for i in keep]
         kept = self.rows[torch.tensor(keep, dtype=torch.long, device=self.rows.device)]
+        slots = _pow2(len(keep)) if self.compiled else len(keep)
+        if slots < self.slots:
+            self._shrink(kept, slots)
+            return
         gone = torch.ones(self.slots, dtype=torch.bool, device=self.rows.device)
         gone[kept] = False
         self.valid[gone] = False  # an idle row's entries are never read again
         self.rows = kept
+
+    def _shrink(self, kept: torch.Tensor, slots: int) -> None:
+        """Move the rows still active into a cache of ``slots`` rows (a power of two when compiled:
+        at most log2(batch) shapes), so idle rows never outnumber active ones."""
+        cache = _static_cache(self.model, slots, self.capacity, hold=self.compiled is not None)
+        for old, new in zip(self.cache.layers, cache.layers):
+            if not new.is_initialized:
+                new.lazy_initialization(old.keys[:slots], old.values[:slots])
+            new.keys[: len(kept)].copy_(old.keys[kept])
+            new.values[: len(kept)].copy_(old.values[kept])
+            new.cumulative_length.fill_(self.length)
+        valid = torch.zeros((slots, self.capacity), dtype=torch.bool, device=self.valid.device)
+        valid[: len(kept)] = self.valid[kept]
+        self.cache, self.valid, self.slots = cache, valid, slots
+        self.rows = torch.arange(len(kept), device=kept.device)
 
     def compact(self) -> bool:
         return False  # attention always spans the whole capacity: holes cost nothing until it fills
@@ -245,17 +264,18 @@ class StaticKV(_KV):
         self.compactions += 1
 
 
-def _static_cache(model: Any, slots: int, capacity: int) -> Any:
-    """A ``StaticCache`` for ``model``, reused from the last call with the same shape (CUDA graphs
-    recorded on its tensors stay valid), emptied."""
+def _static_cache(model: Any, slots: int, capacity: int, hold: bool = True) -> Any:
+    """An empty ``StaticCache`` for ``model``. With ``hold``, caches are kept on the model by shape
+    (for the latest capacity: the batch and the smaller batches rows retire to) and reused by later
+    calls, so CUDA graphs recorded on their tensors stay valid."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
-    key = (slots, capacity)
-    held = model.__dict__.get("_mtp_static_cache")
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1]
+    held = model.__dict__.setdefault("_mtp_static_caches", {})
+    if (slots, capacity) in held:
+        cache = held[(slots, capacity)]
+        cache.reset()
+        return cache
     cache = StaticCache(config=model.config, max_cache_len=capacity)
     kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
     if kinds:
@@ -263,7 +283,10 @@ def _static_cache(model: Any, slots: int, capacity: int) -> Any:
             f"cache='static' needs full attention in every layer (plain StaticLayer), but this model's "
             f"static cache has {', '.join(kinds)}; use cache='dynamic'"
         )
-    model.__dict__["_mtp_static_cache"] = (key, cache)  # one per model: the last shape used
+    if hold:
+        for key in [key for key in held if key[1] != capacity]:  # memory for one capacity at a time
+            del held[key]
+        held[(slots, capacity)] = cache
     return cache
 
 
