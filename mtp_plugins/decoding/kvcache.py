@@ -290,9 +290,21 @@ def _static_cache(model: Any, slots: int, capacity: int, hold: bool = True) -> A
     return cache
 
 
+#: Graphs one compiled model may hold: batch sizes (the batch and the halves rows retire to) x block
+#: widths x cache lengths x strategies add up past dynamo's default of 8, after which it would give up
+#: compiling the model's forward for the rest of the process.
+RECOMPILE_LIMIT = 64
+
+
 def compiled_call(model: Any, mode: str) -> Callable[..., Any]:
     """``torch.compile`` of the model's call in ``mode``, made once per model and mode."""
     held = model.__dict__.setdefault("_mtp_compiled", {})
     if mode not in held:
-        held[mode] = torch.compile(model.__call__, mode=mode, dynamic=False)
+        compiled = torch.compile(model.__call__, mode=mode, dynamic=False)
+
+        def call(**kwargs: Any) -> Any:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled(**kwargs)
+
+        held[mode] = call
     return held[mode]
