@@ -10,8 +10,8 @@ columns per pass, drops the block's trailing mask slots afterwards, and marks re
   tensor keeps its address and (with ``compile``) every pass after the first has one of a few fixed
   shapes, as ``torch.compile`` with CUDA graphs needs: the batch is padded to a power of two and
   finished rows stay as idle rows until the active ones fit a cache half the size (they move there),
-  the block is padded on the left with holes to a power-of-two width, the cache length is rounded up to a multiple of ``CAPACITY_STEP``, and the logits kept per
-  row are the most any pass needs. Holes are dropped only when the next block would not fit.
+  the block is padded on the left with holes to a power-of-two width, the cache length is rounded
+  up to a multiple of ``CAPACITY_STEP``, and the logits kept per row are the most any pass needs. Holes are dropped only when the next block would not fit.
   The first pass (the prompt) always runs eagerly.
 
 Moving cached entries is safe because keys already carry their rotary positions; each row keeps its
@@ -50,10 +50,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _real_order(valid: torch.Tensor, longest: int) -> torch.Tensor:
+    """[B, longest]: each row's real columns in order, right-aligned (the columns of holes before them)."""
+    return torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, valid.shape[1] - longest :]
+
+
+def _gather_columns(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The cache columns ``order`` [B, N] of keys or values ``t`` [B, H, L, D]: [B, H, N, D]."""
+    return t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
 class _KV:
     """What both kinds share: the real-entry counts per active row (kept on the host) and holes."""
 
     cache: Any
+    valid: torch.Tensor  # [rows, columns] bool: the cache columns that hold real tokens
 
     def __init__(self, batch: int) -> None:
         self.real = [0] * batch  # real (non-hole) cache entries of each active row
@@ -71,15 +82,12 @@ class _KV:
         ``fed`` tokens, the last ``rejected`` of which (rejected drafts) are holes now."""
         self.real = [n + f - x for n, f, x in zip(self.real, fed, rejected)]
         if any(rejected):
-            tail = self._tail(width)
-            cols = torch.arange(width, device=tail.device)
-            tail &= cols < (width - torch.tensor(rejected, device=tail.device))[:, None]
-            self._set_tail(width, tail)
+            dev = self.valid.device
+            cols = torch.arange(width, device=dev)
+            self.valid[self._tail(width)] &= cols < (width - torch.tensor(rejected, device=dev))[:, None]
 
-    def _tail(self, width: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
+    def _tail(self, width: int) -> tuple[Any, slice]:
+        """Index of ``valid`` for the active rows' last ``width`` columns in use."""
         raise NotImplementedError
 
 
@@ -105,11 +113,8 @@ class DynamicKV(_KV):
             self.cache.crop(-n)
             self.valid = self.valid[:, : self.valid.shape[1] - n]
 
-    def _tail(self, width: int) -> torch.Tensor:
-        return self.valid[:, -width:]
-
-    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
-        pass  # ``_tail`` is a view: already written
+    def _tail(self, width: int) -> tuple[Any, slice]:
+        return slice(None), slice(-width, None)
 
     def retire(self, keep: list[int]) -> None:
         """Keep only the active rows at ``keep`` (the others finished)."""
@@ -131,11 +136,9 @@ class DynamicKV(_KV):
         longest = max(self.real)
         if longest > COMPACT_BELOW * length:
             return False
-        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
+        order = _real_order(self.valid, longest)
         for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # [B, H, L, D]
-                setattr(layer, name, t.gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])))
+            layer.keys, layer.values = _gather_columns(layer.keys, order), _gather_columns(layer.values, order)
         self.valid = self.valid.gather(1, order)
         return True
 
@@ -158,15 +161,13 @@ class StaticKV(_KV):
         self.cache_kwarg = cache_kwarg
         self.keep = keep
         self.slots = _pow2(batch) if compiled else batch
-        self.room = _pow2(room) if compiled else room
         # After a compaction the longest row holds at most prompt + generated entries: a block fits.
-        needed = max(prompt_width, prompt_width + max_new_tokens) + self.room
+        needed = prompt_width + max_new_tokens + (_pow2(room) if compiled else room)
         self.capacity = -(-needed // CAPACITY_STEP) * CAPACITY_STEP
         self.cache = _static_cache(model, self.slots, self.capacity)
         self.length = 0  # columns in use
         self.valid = torch.zeros((self.slots, self.capacity), dtype=torch.bool, device=device)
         self.rows = torch.arange(batch, device=device)  # the slot of each active row
-        self.compactions = 0
 
     def columns(self, width: int) -> int:
         return _pow2(width) if self.compiled and self.length else width
@@ -210,11 +211,8 @@ class StaticKV(_KV):
             self.valid[:, self.length - n : self.length] = False
             self.length -= n
 
-    def _tail(self, width: int) -> torch.Tensor:
-        return self.valid[self.rows, self.length - width : self.length]
-
-    def _set_tail(self, width: int, tail: torch.Tensor) -> None:
-        self.valid[self.rows, self.length - width : self.length] = tail
+    def _tail(self, width: int) -> tuple[Any, slice]:
+        return self.rows, slice(self.length - width, self.length)
 
     def retire(self, keep: list[int]) -> None:
         self.real = [self.real[i] for i in keep]
@@ -250,18 +248,15 @@ class StaticKV(_KV):
         """Move each row's real entries to the start of the cache (right-aligned at the longest row)."""
         length = self.length
         longest = max(self.real, default=0)
-        order = torch.sort(self.valid[:, :length].to(torch.int8), dim=1, stable=True).indices[:, length - longest :]
+        order = _real_order(self.valid[:, :length], longest)
         for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name)  # [S, H, capacity, D], written in place: its address is fixed
-                moved = t[:, :, :length].gather(2, order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-                t[:, :, :longest].copy_(moved)
+            for t in (layer.keys, layer.values):  # written in place: their addresses are fixed
+                t[:, :, :longest].copy_(_gather_columns(t[:, :, :length], order))
             layer.cumulative_length.fill_(longest)
         moved_valid = self.valid[:, :length].gather(1, order)
         self.valid.zero_()
         self.valid[:, :longest] = moved_valid
         self.length = longest
-        self.compactions += 1
 
 
 def _static_cache(model: Any, slots: int, capacity: int, hold: bool = True) -> Any:
