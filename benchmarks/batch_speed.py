@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import DTYPES, REPO, SHARED_GSM8K, gsm8k_prompts, machine_line, write_atomic
+from common import DTYPES, REPO, SHARED_GSM8K, gsm8k_prompts, machine_line
 
 import mtp_plugins
 from mtp_plugins import load_checkpoint
+from mtp_plugins.files import write_atomic
 
 STOP = ["Question:"]
 DEFAULT_MODEL = REPO / "benchmarks" / "runs" / "distill_smollm2" / "trained"
@@ -398,7 +399,6 @@ def main() -> None:
     text = report(records, args, exact_lines)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, text)
         write_atomic(args.out.with_suffix(".json"), json.dumps(records, indent=1))
         plot(records, args.out.with_suffix(".png"))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mtp_plugins.files import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -80,16 +82,9 @@ def header(title: str) -> list[str]:
             f"Date: {date.today()}; machine: {machine_line()}  "]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def publish(lines: list[str], out: Path | None) -> None:
     """Print the report and, with ``out``, write it there (whole or not at all)."""
     text = "\n".join(lines) + "\n"
     print(text)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, text)

@@ -11,12 +11,10 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from batch_speed import DEFAULT_MODEL, STOP
-from common import SHARED_GSM8K, gsm8k_prompts, header, publish
+from common import SHARED_GSM8K, gsm8k_prompts, header, load_mtp_model, publish
 
 import mtp_plugins
-from mtp_plugins import load_checkpoint
 from mtp_plugins.decoding import kvcache
 
 
@@ -30,8 +28,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model, tokenizer, _ = load_checkpoint(args.model, dtype=torch.bfloat16)
-    tokenizer.padding_side = "left"
+    model, tokenizer, _ = load_mtp_model(args.model, "bf16")
     prompts = gsm8k_prompts(SHARED_GSM8K, args.prompts, args.shots)
     compactions = []
     compact = kvcache.DynamicKV.compact

@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from batch_speed import DEFAULT_MODEL, STOP, useful
-from common import SHARED_GSM8K, gsm8k_prompts, header, publish
+from common import SHARED_GSM8K, gsm8k_prompts, header, load_mtp_model, publish
 
 import mtp_plugins
-from mtp_plugins import load_checkpoint
 
 
 def main() -> None:
@@ -37,8 +35,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.9)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model, tokenizer, _ = load_checkpoint(args.model, dtype=torch.bfloat16)
-    tokenizer.padding_side = "left"
+    model, tokenizer, _ = load_mtp_model(args.model, "bf16")
     prompts = gsm8k_prompts(SHARED_GSM8K, args.prompts, args.shots)
     k, tau = args.k, args.tau
     strategies = {"ar": dict(strategy="ar", k=1), f"confadapt k={k} tau={tau}": dict(strategy="confadapt", k=k, tau=tau),

@@ -35,12 +35,10 @@ import time
 _STARTED = time.perf_counter()  # before the heavy imports: "Elapsed" counts them too
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from datetime import date  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -55,6 +53,8 @@ from mtp_plugins.checkpoint import MTPSpec, read_mtp_spec, write_mtp_spec  # noq
 
 # The engine runs its passes under grouped_attention (a faster sdpa for grouped-query models): so do we.
 from mtp_plugins.decoding.attention import grouped_attention  # noqa: E402
+from mtp_plugins.decoding.kvcache import new_dynamic_cache  # noqa: E402
+from mtp_plugins.files import write_atomic  # noqa: E402
 
 # The exactness model: small, grouped-query (so the engine's grouped attention is exercised), float32.
 EXACT = dict(LLAMA_3_2_1B, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
@@ -118,15 +118,6 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
     return torch.randint(2, vocab, (batch, length), generator=generator).to(device)
 
 
-def new_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older signature
-        return DynamicCache()
-
-
 # --- 1. exactness -------------------------------------------------------------------------------
 
 
@@ -187,7 +178,7 @@ def pass_costs(model, prompt: torch.Tensor, ks, passes: int, warmup: int) -> dic
     state, blocks = {}, {}
     with torch.inference_mode(), grouped_attention(model):
         for k in ks:
-            cache = new_cache(model)
+            cache = new_dynamic_cache(model)
             model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
             state[k] = (cache, valid, length)
@@ -290,22 +281,6 @@ def machine(device: torch.device) -> str:
     import transformers
 
     return f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def main() -> int:
@@ -457,7 +432,7 @@ def main() -> int:
 
     def checkpoint(section: str) -> None:
         if args.out:
-            write_atomically(args.out, render(final=False))
+            write_atomic(args.out, render(final=False))
             log(f"gpu_check: {section} done; partial report in {args.out}")
 
     def eager_section(batch: int) -> None:
@@ -506,7 +481,7 @@ def main() -> int:
     report = render(final=True)
     print(report, flush=True)
     if args.out:
-        write_atomically(args.out, report)
+        write_atomic(args.out, report)
         log(f"gpu_check: wrote {args.out}")
     return 0 if all(ok for _, ok, _ in checks) else 1
 
