@@ -210,7 +210,7 @@ class _DecodeLoop:
         compiled = compiled_call(self.model, mode) if mode else None
         return StaticKV(
             self.model, len(rows), max(len(r.pending) for r in rows), self.limits.max_new_tokens, room,
-            pass_width(n, feeds), self.device, compiled, self.cache_kwarg,
+            pass_width(n, feeds), self.device, self._forward_at, compiled,
         )
 
     def _step(self) -> None:
@@ -260,12 +260,14 @@ class _DecodeLoop:
             self.policy.observe(outcomes)
 
     def _forward_at(
-        self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int
+        self, block: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any, keep: int,
+        fn: Any = None,
     ) -> torch.Tensor:
+        """The last ``keep`` logits of every row, from the model (or ``fn``: the model compiled)."""
         kwargs = {self.cache_kwarg: cache, "use_cache": True}
         if self.keep_kwarg:
             kwargs[self.keep_kwarg] = keep
-        out = self.model(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs)
+        out = (fn or self.model)(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs)
         return out.logits[:, -keep:]
 
     def _propose(

@@ -33,8 +33,9 @@ COMPACT_MIN = 64
 #: share compiled graphs (and the preallocated cache).
 CAPACITY_STEP = 512
 
-#: (block, attention, positions, cache, keep) -> logits [B, keep, V]
-Call = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, int], torch.Tensor]
+#: (block, attention, positions, cache, keep[, fn]) -> logits [B, keep, V]; ``fn``: the model's call to
+#: use instead of the model (its compiled form)
+Call = Callable[..., torch.Tensor]
 
 
 def new_dynamic_cache(model: Any) -> Any:
@@ -147,18 +148,18 @@ class StaticKV(_KV):
     """A preallocated cache of ``slots`` rows x ``capacity`` columns; see the module docstring.
 
     ``room`` is the most columns any pass after the first feeds; ``keep`` the most logits per row any
-    pass needs. ``compiled`` (``torch.compile`` of the model's call) runs the passes after the first,
-    at fixed shapes; without it the batch and block are not padded.
+    pass needs. ``call`` runs the model; ``compiled`` (``torch.compile`` of the model's call), given to
+    it, runs the passes after the first, at fixed shapes; without it the batch and block are not padded.
     """
 
     def __init__(
         self, model: Any, batch: int, prompt_width: int, max_new_tokens: int, room: int, keep: int,
-        device: torch.device, compiled: Callable[..., Any] | None, cache_kwarg: str,
+        device: torch.device, call: Call, compiled: Callable[..., Any] | None,
     ) -> None:
         super().__init__(batch)
         self.model = model
+        self.call = call
         self.compiled = compiled
-        self.cache_kwarg = cache_kwarg
         self.keep = keep
         self.slots = _pow2(batch) if compiled else batch
         # After a compaction the longest row holds at most prompt + generated entries: a block fits.
@@ -194,11 +195,9 @@ class StaticKV(_KV):
         attention = self.valid.clone()
         attention[:, begin:end] = block_valid
         compiled = self.compiled is not None and begin > 0
-        call = self.compiled if compiled else self.model
         if compiled and block.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        kwargs = {self.cache_kwarg: self.cache, "use_cache": True, "logits_to_keep": keep}
-        logits = call(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs).logits
+        logits = self.call(block, attention, positions, self.cache, keep, self.compiled if compiled else None)
         if compiled:  # the output buffer of a CUDA graph is reused by the next pass
             logits = logits.clone()
         self.valid[rows, begin:end] = block_valid[rows] if idle else block_valid
