@@ -83,7 +83,7 @@ def test_fixed_mask_slots_cap_what_a_pass_emits(slots):
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(8, r"mask_slots must be 'auto' or an int in \[0, 3\] \(k-1 for k=4\), got 8"),
+    [(8, r"mask_slots must be 'auto', 'adaptive', 'timed' or an int in \[0, 3\] \(k-1 for k=4\), got 8"),
      (-1, r"got -1"), ("many", r"got 'many'"), (True, r"got True")],
 )
 def test_mask_slots_must_be_auto_or_in_range(value, message):

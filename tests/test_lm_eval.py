@@ -159,7 +159,7 @@ def test_mtp_strategies_need_a_mask_token(tiny_checkpoints):
     ("args", "message"),
     [
         ("k=4,mask_slots=4",
-         r"model_args mask_slots=4 is not allowed: mask_slots must be 'auto' or an int in \[0, 3\] \(k-1 for k=4\)"),
+         r"model_args mask_slots=4 is not allowed: mask_slots must be 'auto', 'adaptive', 'timed' or an int in \[0, 3\] \(k-1 for k=4\)"),
         ("strategy=ar,mask_slots=1", r"mask_slots=1 is not allowed: .* an int in \[0, 0\]"),
         ("mask_slots=some", r"mask_slots='some' is not allowed"),
         ("draft_lookup=-1",

@@ -169,3 +169,29 @@ def test_a_decoder_keeps_per_row_state_by_row_index(plugin_dist):
     # Rows 0 and 2 emit 2 per pass and finish after 4 passes; row 1 goes on alone, keeping its index.
     assert stateful.SEEN[1:5] == [[0, 1, 2]] * 4 and stateful.SEEN[5:] == [[1]] * 4
     assert [r.tokens_per_pass for r in out.stats.rows] == [[2] * 4, [1] * 8, [2] * 4]
+
+
+def test_a_decoder_receives_its_declared_options(plugin_dist):
+    plugin_dist(
+        "optioned",
+        """
+        import torch
+        from mtp_plugins.decoding import Decoder
+
+        class EmitN(Decoder):
+            options = {"n": 1}
+
+            def select(self, proposals):
+                return torch.full_like(proposals.valid, self.n).minimum(proposals.valid)
+        """,
+        "[mtp_plugins.decoders]\nemit-n = optioned:EmitN\n",
+        dist="optioned-decoders",
+    )
+    prompts = torch.tensor([[3, 4, 5]])
+    default = generate(ToyMTP(), prompts, strategy="emit-n", k=4, max_new_tokens=6, eos_token_id=[])
+    three = generate(ToyMTP(), prompts, strategy="emit-n", k=4, max_new_tokens=6, eos_token_id=[],
+                     decoder_options={"n": 3})
+    assert default.stats.rows[0].tokens_per_pass == [1] * 6
+    assert three.stats.rows[0].tokens_per_pass == [3, 3]
+    with pytest.raises(ValueError, match=r"decoder EmitN has no option\(s\) m; its options: n"):
+        generate(ToyMTP(), prompts, strategy="emit-n", k=4, decoder_options={"m": 2})

@@ -12,7 +12,8 @@ output is exactly greedy decoding (see ``Verify``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,7 +24,7 @@ DECODER_API_VERSION = 1
 class Proposals:
     """One pass's proposals for the B active rows."""
 
-    tokens: torch.Tensor  # [B, P] long; P = decoder.num_proposals (fewer with ``adaptive_width``)
+    tokens: torch.Tensor  # [B, P] long; P = decoder.num_proposals (fewer where the width policy feeds fewer slots)
     valid: torch.Tensor  # [B] long in [1, P]; fewer than P after a rejected draft (masks saw a wrong prefix)
     next_logits: torch.Tensor = field(repr=False)  # [B, V] logits behind proposal 0
     mask_logits: torch.Tensor = field(repr=False)  # [B, P-1, V] logits behind proposals 1..P-1
@@ -69,17 +70,32 @@ class Decoder:
     feeds_drafts: ClassVar[bool] = False
     #: Whether proposal 0 may be sampled (``do_sample=True``).
     supports_sampling: ClassVar[bool] = True
-    #: With ``mask_slots="auto"``, the engine may feed fewer than ``num_proposals - 1`` mask slots
-    #: in a pass (where the measured cost and acceptance say they do not pay); ``select`` then sees
-    #: fewer proposals (``tokens.shape[1]``). Off by default: a strategy opts in.
+    #: The decoder's output does not depend on how many mask slots a pass feeds, only its speed does
+    #: (``verify``: only drafts the model confirms are emitted). With ``mask_slots="auto"`` the engine
+    #: may then feed fewer than ``num_proposals - 1`` mask slots in a pass (where the acceptance seen
+    #: so far and the cost model say they do not pay); ``select`` then sees fewer proposals
+    #: (``tokens.shape[1]``). Off by default: every other decoder gets all slots unless the user asks
+    #: for ``mask_slots="adaptive"``/``"timed"``/N.
     adaptive_width: ClassVar[bool] = False
     #: For ``feeds_drafts`` strategies: the longest n-gram matched in the row's own text to draft
     #: where mask proposals are unsure (0: drafts are the mask proposals only).
     draft_lookup: ClassVar[int] = 0
+    #: Whether ``tau`` changes what this decoder emits (summaries and reports show tau only then).
+    uses_tau: ClassVar[bool] = False
+    #: The decoder's own options beyond k and tau: name -> default. A user passes them as
+    #: ``generate(..., decoder_options={NAME: VALUE})`` or lm-eval ``--model_args NAME=VALUE``; the
+    #: base ``__init__`` refuses names not listed here and stores each option as an attribute.
+    options: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, *, k: int, tau: float) -> None:
+    def __init__(self, *, k: int, tau: float, **options: Any) -> None:
         self.k = k
         self.tau = tau
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(sorted(self.options)) or "none"
+            raise ValueError(f"decoder {type(self).__name__} has no option(s) {', '.join(unknown)}; its options: {allowed}")
+        for name, default in self.options.items():
+            setattr(self, name, options.get(name, default))
 
     def start(self, batch_size: int, device: torch.device) -> None:
         """Called once per ``generate`` call before the first pass; set up per-row state here

@@ -11,9 +11,9 @@ Each pass, every active row feeds ``[pending tokens] + [k-1 mask tokens]`` (METH
 - rejected drafts stay in the cache as holes (masked out); finished rows leave the batch.
 
 The logits of the last decided token give proposal 0 (the ordinary next token); mask slot j gives
-proposal j. The strategy chooses how many leading proposals each row emits. How many mask slots a
-pass feeds is ``mask_slots``: all k-1, a fixed number, or (``"auto"``, for strategies that allow it)
-what the measured pass cost and acceptance make worth it (``width.py``). Strategies that verify
+proposal j. The strategy chooses how many leading proposals each row emits; mask tokens are never
+a proposal. How many mask slots a pass feeds is ``mask_slots``: all k-1, a fixed number, or what the
+acceptance so far and a cost model make worth it (``width.py``; never timing-driven unless asked). Strategies that verify
 drafts can also draft from the row's own text (``lookup.py``) where the mask proposals run short.
 The cache and its validity mask live in ``kvcache.py``: a growing ``DynamicCache`` (the default) or a
 preallocated ``StaticCache`` whose passes have fixed shapes for ``torch.compile``.
@@ -36,7 +36,7 @@ from mtp_plugins.decoding.kvcache import DynamicKV, StaticKV, compiled_call
 from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
-from mtp_plugins.decoding.width import PassCost, WidthPolicy, pass_width
+from mtp_plugins.decoding.width import ModelCost, PassCost, WidthPolicy, pass_width
 from mtp_plugins.modeling import forward_kwargs
 from mtp_plugins.registry import load_decoder
 
@@ -85,6 +85,7 @@ def generate(
     draft_lookup: int | None = None,
     cache: str | None = None,
     compile: bool | str = False,
+    decoder_options: dict[str, Any] | None = None,
 ) -> GenerateOutput:
     """Decode a batch with an MTP model; see ``GenerateOutput`` for what comes back.
 
@@ -97,11 +98,16 @@ def generate(
     ``do_sample`` samples the ordinary next-token position with ``temperature``/``top_p``; mask
     proposals stay greedy.
 
-    ``mask_slots`` caps the mask slots per pass: ``"auto"`` lets strategies with
-    ``adaptive_width`` (``confadapt``, ``verify``) feed only the slots that pay for themselves on this
-    hardware and batch (the first call per model and batch size times a few passes to learn the
-    cost), and all k-1 for the others; an int feeds exactly that many (``k - 1``: the paper's
-    method, fully reproducible). ``draft_lookup`` is the longest n-gram a draft-verifying strategy
+    ``mask_slots`` is how many mask slots a pass feeds; it never depends on timing unless asked to:
+    ``"auto"`` (default) is all k-1 (the paper's method) for strategies whose output depends on it
+    (``confadapt``, ``static``), and ``"adaptive"`` for those whose output does not
+    (``adaptive_width``: ``verify``); ``"adaptive"`` feeds the slots that pay for themselves by the
+    acceptance seen so far and a fixed cost model of a pass (``width.ModelCost``), reproducible to
+    the token; ``"timed"`` uses the measured cost of a pass on this machine instead (the first call
+    per model and batch size times a few passes): faster where the fixed model is off, but the
+    widths, and so the output of a lossy strategy (and of ``verify`` in bf16, by rounding), can
+    differ between runs; an int feeds exactly that many. ``decoder_options`` are the strategy's
+    own options (``Decoder.options``). ``draft_lookup`` is the longest n-gram a draft-verifying strategy
     matches in the row's own text to draft where mask proposals are unsure (0: off; default: the
     strategy's ``draft_lookup``).
 
@@ -114,10 +120,10 @@ def generate(
     a different kernel in low precision; exact in float32).
     """
     start = time.perf_counter()
-    decoder = _make_decoder(strategy, k, tau, do_sample, temperature, top_p)
+    decoder = make_decoder(strategy, k, tau, do_sample, temperature, top_p, decoder_options)
     static, mode = check_cache(cache, compile)
     slots = check_mask_slots(mask_slots, decoder)
-    if static and slots is None:
+    if static and isinstance(slots, str):
         slots = decoder.num_proposals - 1  # fixed shapes: the width policy would vary them
     lookup = check_draft_lookup(draft_lookup, decoder)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -137,7 +143,7 @@ def generate(
     stats = GenerationStats(strategy=strategy, k=k, tau=float(tau), rows=[r.stats for r in rows])
     if max_new_tokens > 0:
         sampler = (lambda logits: sample_tokens(logits, temperature, top_p, generator)) if do_sample else None
-        loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler, slots)
+        loop = _DecodeLoop(model, decoder, strategy, mask_ids, pad, limits, sampler, slots, _never_emitted(model))
         with torch.inference_mode(), grouped_attention(model):
             loop.run(rows, static=static, mode=mode)
         stats.model_calls = len(loop.slots_per_call)
@@ -164,7 +170,8 @@ class _DecodeLoop:
         pad: int,
         limits: _Limits,
         sampler: Any,
-        slots: int | None,
+        slots: int | str,
+        never: list[int],
     ) -> None:
         self.model = model
         self.decoder = decoder
@@ -174,12 +181,17 @@ class _DecodeLoop:
         self.limits = limits
         self.sampler = sampler
         self.device = model.get_input_embeddings().weight.device
+        # Mask tokens are never a prediction: no proposal, draft or sample may be one.
+        self.never = torch.tensor(never, device=self.device) if never else None
         self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
         self.kv: DynamicKV | StaticKV
-        self.slots = len(mask_ids) if slots is None else min(slots, len(mask_ids))  # unless ``policy`` chooses
+        self.slots = len(mask_ids) if isinstance(slots, str) else min(slots, len(mask_ids))  # unless ``policy`` chooses
         self.policy = None
-        if slots is None and mask_ids:
-            cost = PassCost(model, self._forward_at, self.device, pass_width(len(mask_ids), decoder.feeds_drafts))
+        if isinstance(slots, str) and mask_ids:
+            if slots == "timed":
+                cost = PassCost(model, self._forward_at, self.device, pass_width(len(mask_ids), decoder.feeds_drafts))
+            else:
+                cost = ModelCost(self.device)
             self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost)
         self.slots_per_call: list[int] = []
 
@@ -239,6 +251,8 @@ class _DecodeLoop:
         keep = max_drafts + 1 + n_masks  # logits from the oldest last-decided token to the last mask
         logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep))
         logits = logits[:, -keep:]  # [B, keep, V]
+        if self.never is not None:
+            logits.index_fill_(-1, self.never, float("-inf"))
         self.kv.drop_tail(n_masks)
 
         proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts)
@@ -369,13 +383,19 @@ class _DecodeLoop:
             self.kv.retire(keep)
 
 
-def _make_decoder(strategy: str, k: int, tau: float, do_sample: bool, temperature: float, top_p: float) -> Decoder:
+def make_decoder(
+    strategy: str, k: int, tau: float, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+    options: dict[str, Any] | None = None,
+) -> Decoder:
+    """The decoder ``strategy`` built for one call, with its own ``options`` (ValueError naming a bad one)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not isinstance(tau, (int, float)) or isinstance(tau, bool):
         raise ValueError(f"tau must be a number, got {tau!r}")
     cls = load_decoder(strategy)
-    decoder = cls(k=k, tau=float(tau))
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"decoder_options must be a dict of option name -> value, got {type(options).__name__}")
+    decoder = cls(k=k, tau=float(tau), **(options or {}))
     if do_sample:
         if not cls.supports_sampling:
             raise ValueError(
@@ -392,14 +412,21 @@ def _make_decoder(strategy: str, k: int, tau: float, do_sample: bool, temperatur
     return decoder
 
 
-def check_mask_slots(mask_slots: int | str, decoder: Decoder) -> int | None:
-    """The fixed mask slots per pass, or None where the width policy chooses them per pass."""
+WIDTH_POLICIES = ("adaptive", "timed")
+
+
+def check_mask_slots(mask_slots: int | str, decoder: Decoder) -> int | str:
+    """The fixed mask slots per pass, or the width policy that chooses them per pass
+    (``"adaptive"``: from the inputs alone; ``"timed"``: from measured pass times)."""
     most = decoder.num_proposals - 1
     if mask_slots == "auto":
-        return None if decoder.adaptive_width else most
+        return "adaptive" if decoder.adaptive_width and most else most
+    if mask_slots in WIDTH_POLICIES:
+        return mask_slots if most else 0
     if not isinstance(mask_slots, int) or isinstance(mask_slots, bool) or not 0 <= mask_slots <= most:
         raise ValueError(
-            f"mask_slots must be 'auto' or an int in [0, {most}] (k-1 for k={decoder.k}), got {mask_slots!r}"
+            f"mask_slots must be 'auto', 'adaptive', 'timed' or an int in [0, {most}] (k-1 for k={decoder.k}), "
+            f"got {mask_slots!r}"
         )
     return mask_slots
 
@@ -448,6 +475,12 @@ def _mask_ids(model: Any, decoder: Decoder, strategy: str) -> list[int]:
             stacklevel=3,
         )
     return spec.mask_ids(slots)
+
+
+def _never_emitted(model: Any) -> list[int]:
+    """The checkpoint's mask token ids (none for a plain model): never emitted, drafted or sampled."""
+    spec = read_mtp_spec(model)
+    return list(spec.mask_token_ids) if spec is not None else []
 
 
 def _eos_ids(model: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:

@@ -29,7 +29,7 @@ class Static(Decoder):
 class ConfAdapt(Decoder):
     """``confadapt``: emit the longest leading run of proposals whose confidence is >= tau (at least 1)."""
 
-    adaptive_width = True
+    uses_tau = True
 
     def select(self, proposals: Proposals) -> torch.Tensor:
         confident = proposals.confidence >= self.tau  # [B, P]

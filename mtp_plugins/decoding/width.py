@@ -1,23 +1,26 @@
-"""How many mask slots a pass feeds: the measured pass cost against the measured acceptance.
+"""How many mask slots a pass feeds: the pass cost against the acceptance seen so far.
 
 A mask slot pays only when its proposal is emitted (``confadapt``) or verified (``verify``). Whether
 an extra slot is cheap depends on the hardware and the batch: at batch 1 a pass is bound by memory
 traffic or per-call overhead and 7 extra query tokens cost almost nothing, while 16 rows x 8 tokens
-make a CPU compute-bound, so the same slots cost more than they return when few are accepted. With
-``mask_slots="auto"`` the engine picks, before each pass, the slot count ``s`` with the most expected
-tokens per unit of time::
+make a CPU compute-bound, so the same slots cost more than they return when few are accepted. A
+``WidthPolicy`` picks, before each pass, the slot count ``s`` with the most expected tokens per unit
+of cost::
 
     rate(s) = (1 + a_1 + ... + a_s) / cost(batch, width(s))
 
 where ``a_j`` is the share of recent passes whose proposal ``j`` was emitted or verified (counts
-decay by ``DECAY`` per pass, start from ``PRIOR``, and never rise with ``j``), and ``cost`` comes from
-``PassCost``: the time of a pass with ``w`` query tokens per row, timed once per model, device and
-batch size (rounded up to a power of two) on the model itself. Because the counts decay toward the
-prior, slots that were switched off get retried now and then. The choice caps what a row can emit in
-a pass; in exact arithmetic it never changes which tokens a strategy emits otherwise (a causal
-model's slot ``j`` sees the same inputs whether or not later slots are fed; in bf16, passes of
-another width round differently), and ``verify`` stays exactly greedy whatever the width. Since the
-cost table is timed, the widths chosen can differ between processes: ``mask_slots=N`` pins them.
+decay by ``DECAY`` per pass, start from ``PRIOR``, and never rise with ``j``), so slots that were
+switched off get retried now and then.
+
+Results must not depend on timing (the same checkpoint and settings give the same tokens on any
+machine and under any load), and in bf16 a pass of another width rounds differently, which can flip
+a near-tie and so change the text even of ``verify``. So the cost comes, by default, from the inputs
+alone: ``ModelCost`` is a fixed roofline model of a pass (``mask_slots="auto"`` for decoders whose
+output does not depend on the width, ``"adaptive"`` for any decoder). ``PassCost``, the time of a
+pass measured on the model itself, is an explicit opt-in (``mask_slots="timed"``): faster where the
+model is far from the fixed one, but the widths, and with them the output of a lossy strategy (and
+of ``verify`` in low precision), can then differ between processes and machines.
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Query tokens per pass (batch x width) at which a pass costs about twice a one-token pass: until the
+#: compute units are full a pass is bound by reading the weights and by per-call overhead. Fitted on
+#: SmolLM2-135M in bf16 on 2 CPU cores (``benchmarks/results/batch_speed.md``: 8 tokens x 16 rows
+#: cost 2.0x one token x 16 rows); a GPU fills far later.
+KNEE = {"cpu": 96, "cuda": 1024}
+DEFAULT_KNEE = 256
+
+
+class ModelCost:
+    """The cost of a pass from its shape alone: ``1 + batch * width / knee`` (no timing, so the
+    widths chosen, and the tokens decoded, are the same on every machine and under any load)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.knee = KNEE.get(device.type, DEFAULT_KNEE)
+
+    def __call__(self, batch: int, width: int) -> float:
+        return 1.0 + batch * width / self.knee
+
+
 def pass_width(slots: int, feeds_drafts: bool) -> int:
     """Query tokens per row of a pass with ``slots`` mask slots: the decided token, as many drafts
     (strategies that verify drafts), the mask slots."""
@@ -57,7 +79,8 @@ def pass_width(slots: int, feeds_drafts: bool) -> int:
 
 
 class PassCost:
-    """Seconds of one decoding pass by batch and query tokens per row, measured on ``model``.
+    """Seconds of one decoding pass by batch and query tokens per row, measured on ``model``
+    (``mask_slots="timed"``: the widths then depend on the machine and its load).
 
     Tables are kept per model object (and device), so a process times each batch size once.
     """
@@ -116,7 +139,8 @@ class PassCost:
 
 
 class WidthPolicy:
-    """Chooses the mask slots of each pass from the acceptance seen so far and ``PassCost``."""
+    """Chooses the mask slots of each pass from the acceptance seen so far and a cost model
+    (``ModelCost``, or the measured ``PassCost``)."""
 
     def __init__(self, max_slots: int, feeds_drafts: bool, cost: PassCost) -> None:
         self.max_slots = max_slots
