@@ -12,6 +12,7 @@ the trainer used is what inference uses: nobody passes a mask id by hand.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import pickle
 from collections.abc import Iterator
@@ -140,7 +141,9 @@ def add_mask_tokens(model: Any, tokenizer: Any, num_tokens: int = 1, *, k_max: i
     The new embedding rows (and output rows, when the output matrix is not tied) start as the plain
     mean of the existing rows. ``num_tokens=1`` adds one shared mask token; ``num_tokens=n`` adds one
     per mask slot, which allows horizons up to ``k = n + 1``. Calling it again with the same
-    ``num_tokens`` changes nothing and returns the recorded spec.
+    ``num_tokens`` adds nothing; a ``k_max`` given then replaces the recorded one (the trainer
+    passes the k_max of the run, so a checkpoint records the horizon it was last trained for, even
+    when an earlier run used a larger one), and None keeps it.
     """
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
@@ -154,7 +157,11 @@ def add_mask_tokens(model: Any, tokenizer: Any, num_tokens: int = 1, *, k_max: i
             raise ValueError(
                 f"model already has {len(existing.mask_token_ids)} mask token(s); cannot switch to {num_tokens}"
             )
-        return existing
+        if k_max is None or k_max == existing.k_max:
+            return existing
+        spec = MTPSpec(mask_token_ids=existing.mask_token_ids, k_max=k_max, format_version=existing.format_version)
+        write_mtp_spec(model, spec)
+        return spec
 
     from transformers import AddedToken
 
@@ -237,9 +244,20 @@ def loading(name_or_path: str | PathLike[str]) -> Iterator[None]:
             f"cannot load {name_or_path}: a safetensors weights file is corrupt or incomplete ({error})"
         ) from None
     except (OSError, pickle.UnpicklingError) as error:
-        path = Path(name_or_path)
-        if not path.exists() and (path.is_absolute() or str(name_or_path).startswith((".", "~"))):
-            raise CheckpointError(f"cannot load {name_or_path}: no such directory") from None
+        # A hub id is ``name`` or ``org/name``; anything else that reads as a path and is not there
+        # is a mistyped local directory, whatever the hub (or the network) says about it.
+        name = str(name_or_path)
+        path = Path(name).expanduser()
+        parts = name.replace("\\", "/").split("/")
+        local = (
+            name.startswith((".", "~", "/")) or path.is_absolute() or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+        )
+        if local and not path.exists():
+            parent = path.parent
+            siblings = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+            close = difflib.get_close_matches(path.name, siblings, n=1)
+            hint = f"; did you mean {str(parent / close[0])!r}?" if close else ""
+            raise CheckpointError(f"cannot load {name_or_path}: no such directory (a local path, not a hub id){hint}") from None
         text = str(error).strip()
         raise CheckpointError(f"cannot load {name_or_path}: {text.splitlines()[0] if text else type(error).__name__}") from None
 
@@ -252,14 +270,29 @@ def load_checkpoint(
     revision: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    base: str | None = None,
 ) -> tuple[Any, Any, MTPSpec | None]:
     """Load a model (hub id or local directory), its tokenizer and its MTP spec (None if absent).
+
+    A gated adapter checkpoint (``mtp_adapter.json``, from ``mtp-train --trainable gated-lora``)
+    loads as its base model with the gated adapter attached; ``base`` overrides the recorded base
+    (its weights must hash as recorded).
 
     Weights are read from safetensors only unless ``allow_pickle`` (see ``weights_source``); remote
     code runs only when asked for. Any failure is a CheckpointError naming the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mtp_plugins import adapters
+
+    if adapters.is_adapter_dir(name_or_path):
+        try:
+            return adapters.load_adapter(name_or_path, base=base, dtype=dtype, device=device, revision=revision,
+                                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        except adapters.AdapterError as error:
+            raise CheckpointError(str(error)) from None
+    if base is not None:
+        raise CheckpointError(f"base={base!r} is only for gated adapter checkpoints; {name_or_path} is a full model")
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     source = weights_source(name_or_path, allow_pickle=allow_pickle)
     with loading(name_or_path):

@@ -45,7 +45,7 @@ class Specs:
 
     @hookspec
     def mtp_validation_end(self, step: int, metrics: dict[str, Any]) -> None:
-        """A validation pass ended (loss, per-offset agreement, Eff. k at tau 0.9)."""
+        """A validation pass ended (loss, per-offset agreement, a one-pass estimate of Eff. k at tau 0.9)."""
 
     @hookspec
     def mtp_checkpoint_saved(self, path: str, step: int) -> None:

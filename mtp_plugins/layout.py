@@ -87,6 +87,8 @@ class Layout:
     supervised: torch.Tensor  # [B, R] bool: all k targets inside the document
     real: torch.Tensor  # [B, S] bool: columns holding a document token
     next_tokens: torch.Tensor  # [B, S] the document's next token for real columns (IGNORE elsewhere)
+    real_columns: torch.Tensor  # [N] the columns of the N real tokens, in document order
+    last_real: torch.Tensor  # [R] document index of each region's last real token
 
     def to(self, device: torch.device | str) -> Layout:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -173,4 +175,6 @@ def build_layout(
         supervised=supervised,
         real=in_doc,
         next_tokens=next_tokens,
+        real_columns=(kind == 0).nonzero().flatten(),
+        last_real=last_real,
     )

@@ -6,7 +6,9 @@ download fails loudly instead of hanging.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,9 +18,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Every HF cache of the run (and of its subprocesses) lives in a fresh directory: the tests neither
-# read nor write the user's caches.
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mtp-tests-hf-")
+# Every HF cache of the run (and of its subprocesses, which inherit HF_HOME) lives in a fresh
+# directory: the tests neither read nor write the user's caches. It is removed when the session's
+# process exits (the pid check: a forked child exiting must not remove it under the session).
+HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mtp-tests-hf-")
+_SESSION_PID = os.getpid()
+
+
+@atexit.register
+def _remove_hf_home() -> None:
+    if os.getpid() == _SESSION_PID:
+        shutil.rmtree(HF_HOME, ignore_errors=True)
+
 
 import pytest
 import torch

@@ -5,6 +5,7 @@ exit without a traceback from the command-line tools, and no output left behind.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -68,6 +69,18 @@ def files(tmp_path_factory) -> Path:
         "a-list.yaml": "- k_max: 3\n",
         "not-yaml.yaml": "k_max: [3\n",
         "python-tag.yaml": "k_max: !!python/object/apply:os.getpid []\n",
+        "lr-inf.yaml": "lr: .inf\n",
+        "grad-clip-nan.yaml": "grad_clip: .nan\n",
+        "beta1-one.yaml": "adam_beta1: 1.0\n",
+        "beta2-negative.yaml": "adam_beta2: -0.5\n",
+        "beta1-other.yaml": "adam_beta1: 0.8\n",
+        "warmup-inf.yaml": "warmup_steps: .inf\n",
+        # text fields that are not text, and JSON objects
+        "list-field.jsonl": "".join(json.dumps({"question": ["a", "b"], "answer": "c"}) + "\n" for _ in range(6)),
+        "object-field.jsonl": "".join(json.dumps({"question": "a", "answer": {"text": "c"}}) + "\n" for _ in range(6)),
+        "mixed-field.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:2] + [{"question": [1, 2], "answer": "c"}] + rows[2:6]),
+        "columns.json": json.dumps({"question": [r["question"] for r in rows], "answer": [r["answer"] for r in rows]}),
+        "ragged-columns.json": json.dumps({"question": [r["question"] for r in rows], "answer": "one answer"}),
     }
     for name, text in data.items():
         (root / name).write_text(text, encoding="utf-8")
@@ -196,11 +209,46 @@ ERROR = "mtp-train: error: "
          ERROR + r"--seq-len 12 is too short for --regions 4 and --k-max 4: each region needs k_max - 1 mask slots "
                  r"plus a real token \(seq_len >= 16\)"),
         ("loss-unknown", ["--loss", "sof-kl"], ERROR + r"unknown loss 'sof-kl'; did you mean 'soft-kl'\? available: .*hard-label"),
-        ("lr-zero", ["--lr", "0"], ERROR + r"--lr must be > 0, got 0.0"),
+        ("lr-zero", ["--lr", "0"], ERROR + r"--lr must be a finite number > 0, got 0.0"),
         ("k-max-not-an-int", ["--k-max", "four"], r"Error: Invalid value for '--k-max': Input should be a valid integer"),
         ("template-unknown", ["--template", "html"],
          r"Error: Invalid value for '--template': .*'html' is not one of 'plain', 'chat', 'completion'"),
         ("device-unknown", ["--device", "gpu0"], ERROR + r"--device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
+        ("device-meta", ["--device", "meta"], ERROR + r"--device 'meta' is not a device; use auto, cpu, cuda or cuda:N"),
+        ("device-gpu-missing", ["--device", "cuda:99"],
+         ERROR + r"--device cuda:99: (this PyTorch is built without CUDA|no CUDA GPU is visible|this machine has \d+ CUDA "
+                 r"GPU\(s\), cuda:0\.\.cuda:\d+)"),
+        *([("device-cuda-unavailable", ["--device", "cuda"],
+            ERROR + r"--device cuda: (this PyTorch is built without CUDA|no CUDA GPU is visible); use --device cpu \(or auto\)")]
+          if not torch.cuda.is_available() else []),
+        # numbers that would train a broken model
+        ("lr-inf", ["--lr", "inf"], ERROR + r"--lr must be a finite number > 0, got inf"),
+        ("lr-nan", ["--lr", "nan"], ERROR + r"--lr must be a finite number > 0, got nan"),
+        ("grad-clip-nan", ["--grad-clip", "nan"], ERROR + r"--grad-clip must be a finite number > 0, got nan"),
+        ("grad-clip-negative", ["--grad-clip", "-1"], ERROR + r"--grad-clip must be a finite number > 0, got -1.0"),
+        ("grad-clip-zero", ["--grad-clip", "0"], ERROR + r"--grad-clip must be a finite number > 0, got 0.0"),
+        ("weight-decay-nan", ["--weight-decay", "nan"], ERROR + r"--weight-decay must be a finite number >= 0, got nan"),
+        ("weight-decay-negative", ["--weight-decay", "-0.1"], ERROR + r"--weight-decay must be a finite number >= 0, got -0.1"),
+        ("prefix-weight-inf", ["--prefix-loss-weight", "inf"],
+         ERROR + r"--prefix-loss-weight must be a finite number >= 0, got inf"),
+        ("prefix-weight-negative", ["--prefix-loss-weight", "-1"],
+         ERROR + r"--prefix-loss-weight must be a finite number >= 0, got -1.0"),
+        ("entropy-weight-nan", ["--entropy-weight", "nan"], ERROR + r"--entropy-weight must be a finite number, got nan"),
+        ("beta1-one", ["--adam-beta1", "1"], ERROR + r"--adam-beta1 must be a number in \[0, 1\), got 1.0"),
+        ("beta2-nan", ["--adam-beta2", "nan"], ERROR + r"--adam-beta2 must be a number in \[0, 1\), got nan"),
+        ("seed-too-large", ["--seed", str(2**64)],
+         ERROR + r"--seed must be an integer in \[0, 2\*\*64 - 1\] \(torch's seed range\), got 18446744073709551616"),
+        ("seed-negative", ["--seed", "-1"], ERROR + r"--seed must be an integer in \[0, 2\*\*64 - 1\]"),
+        # the run directory
+        ("output-dir-empty", ["--output-dir", ""],
+         ERROR + r"--output-dir '': give the run's directory \(a new one, or a run's to --resume\)"),
+        ("output-dir-a-file", ["--output-dir", "{root}/good.jsonl"],
+         ERROR + r"--output-dir .*good.jsonl: is a file; give a directory \(a new one, or a run's to --resume\)"),
+        ("output-dir-under-a-file", ["--output-dir", "{root}/good.jsonl/run"],
+         ERROR + r"--output-dir .*good.jsonl/run: .*good.jsonl is a file, so no directory can be made under it"),
+        ("output-dir-not-writable", ["--output-dir", "{unwritable}/run"],
+         ERROR + r"--output-dir .*/run: cannot write in .* \((Permission denied|Operation not permitted)\); "
+                 r"give a writable directory"),
         ("report-to-unknown", ["--report-to", "nope"], ERROR + r".*'nope'"),
         # data files
         ("data-missing", ["--data", "{root}/missing.jsonl"], ERROR + r"--data .*missing.jsonl: no such file"),
@@ -220,6 +268,16 @@ ERROR = "mtp-train: error: "
          ERROR + r"--data .*bad-json.jsonl: cannot read it as json \(line 2 is not valid JSON: Expecting value at column 28\)"),
         ("data-not-objects", ["--data", "{root}/not-objects.jsonl"],
          ERROR + r"--data .*not-objects.jsonl: cannot read it as json \(line 1 is a JSON list, not an object of fields\)"),
+        ("data-list-in-a-text-field", ["--data", "{root}/list-field.jsonl"],
+         ERROR + r"--data .*list-field.jsonl: row 1, field 'question' \(--prompt-field\) holds a list, not text; "
+                 r"each row's prompt and response must be text"),
+        ("data-object-in-a-text-field", ["--data", "{root}/object-field.jsonl"],
+         ERROR + r"--data .*object-field.jsonl: row 1, field 'answer' \(--response-field\) holds an object, not text"),
+        ("data-a-list-in-row-3", ["--data", "{root}/mixed-field.jsonl"],
+         ERROR + r"--data .*mixed-field.jsonl: row 3, field 'question' \(--prompt-field\) holds a list, not text"),
+        ("data-json-object-not-columns", ["--data", "{root}/ragged-columns.json"],
+         ERROR + r"--data .*ragged-columns.json: a JSON object must hold columns, each field a list of values of one "
+                 r"length \(or give a list of rows, or JSON Lines\); found \{'question': list of 24, 'answer': str\}"),
         # models
         ("model-missing", ["--model", "{root}/missing"], ERROR + r"cannot load .*missing: no such directory"),
         ("model-no-weights", ["--model", "{root}/no-weights"], ERROR + r"cannot load .*no-weights: it has no weights file"),
@@ -230,6 +288,9 @@ ERROR = "mtp-train: error: "
                  r"with --allow-pickle"),
         ("model-mask-id-outside-vocab", ["--model", "{root}/bad-mask"],
          ERROR + r".*bad-mask: config.mtp.mask_token_ids \[\d+\] lie outside the vocabulary: token ids must be < \d+"),
+        ("mask-tokens-contradict-the-model", ["--model", "{root}/mtp", "--mask-tokens", "3"],
+         ERROR + r"--mask-tokens 3: .*mtp is an MTP checkpoint with 1 mask token\(s\) \(config.mtp.mask_token_ids "
+                 r"\[\d+\]\); use --mask-tokens 1"),
         # recipes
         ("recipe-unknown-key", ["--config", "{root}/unknown-key.yaml"],
          ERROR + r"--config .*unknown-key.yaml: unknown settings 'k_maxx' \(did you mean 'k_max'\?\)"),
@@ -247,6 +308,12 @@ ERROR = "mtp-train: error: "
                  r"the tag 'tag:yaml.org,2002:python/object/apply:os.getpid'\)"),
         ("recipe-missing", ["--config", "{root}/missing.yaml"],
          ERROR + r"--config .*missing.yaml: no such file, and not a shipped recipe \(.*smollm2-synthetic"),
+        ("recipe-lr-inf", ["--config", "{root}/lr-inf.yaml"], ERROR + r"--lr must be a finite number > 0, got inf"),
+        ("recipe-grad-clip-nan", ["--config", "{root}/grad-clip-nan.yaml"], ERROR + r"--grad-clip must be a finite number > 0, got nan"),
+        ("recipe-beta1-one", ["--config", "{root}/beta1-one.yaml"], ERROR + r"--adam-beta1 must be a number in \[0, 1\), got 1.0"),
+        ("recipe-beta2-negative", ["--config", "{root}/beta2-negative.yaml"],
+         ERROR + r"--adam-beta2 must be a number in \[0, 1\), got -0.5"),
+        ("recipe-int-inf", ["--config", "{root}/warmup-inf.yaml"], ERROR + r"--warmup-steps must be int; got inf \(float\)"),
     ),
 )
 def test_bad_training_input_is_one_line_and_leaves_nothing(args, message, files, tmp_path, monkeypatch, capsys):
@@ -256,7 +323,9 @@ def test_bad_training_input_is_one_line_and_leaves_nothing(args, message, files,
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     argv = ["--model", str(files / "plain"), "--data", str(files / "good.jsonl"), *TRAIN_BASE, "--output-dir", str(out)]
-    monkeypatch.setattr(sys, "argv", ["mtp-train", *argv, *(a.format(root=files) for a in args)])
+    extra = [a.format(root=files, unwritable=unwritable(files) if "{unwritable}" in a else None) for a in args]
+    before = no_files(files)
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *argv, *extra])
     with pytest.raises(SystemExit) as exited:
         main()
     stderr = capsys.readouterr().err
@@ -265,7 +334,24 @@ def test_bad_training_input_is_one_line_and_leaves_nothing(args, message, files,
     assert re.search(message, stderr), stderr
     if stderr.startswith(ERROR):
         assert stderr.count("\n") == 1, stderr
-    assert not out.exists() and no_files(cwd) == []
+    assert not out.exists() and no_files(cwd) == [] and no_files(files) == before
+
+
+def unwritable(root: Path) -> Path:
+    """A directory this process cannot write in: one without write permission, or (as root, whom
+    permissions do not stop) /sys, where no one can make a directory."""
+    import tempfile
+
+    if os.geteuid() != 0:
+        locked = root / "read-only"
+        locked.mkdir(exist_ok=True)
+        locked.chmod(0o555)
+        return locked
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no directory here refuses this process a write")
 
 
 def test_the_console_script_exits_2_without_a_traceback(files, tmp_path):
@@ -304,3 +390,136 @@ def test_empty_rows_are_left_out_and_counted(files, tmp_path, capsys):
     train, held = load_rows(config)
     assert len(train) == 25 and held is None and train[24] == {"question": "only a prompt", "answer": None}
     assert "left out 12 rows with an empty prompt and response" in capsys.readouterr().err
+
+
+def test_a_json_object_of_columns_is_read_as_columns(files, tmp_path):
+    """``{"question": [...], "answer": [...]}`` is rows of columns, not one row of lists."""
+    from train_cli.data import load_rows
+
+    config = build_config(model=str(files / "plain"), data=str(files / "columns.json"), prompt_field="question",
+                          response_field="answer", output_dir=str(tmp_path / "out"), max_steps=0, seq_len=40, regions=4,
+                          k_max=4, eval_rows=2)
+    train, held = load_rows(config)
+    expected = [json.loads(line) for line in (files / "good.jsonl").read_text().splitlines()]
+    assert len(train) == len(expected) == 24 and held is None
+    assert [dict(row) for row in train] == expected
+
+
+@pytest.mark.parametrize(("spelling", "recorded"), [("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16"), ("fp32", "fp32")])
+def test_dtype_takes_the_torch_names_and_records_the_short_one(spelling, recorded, files, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from train_cli.app import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(files / "plain"), "--data", str(files / "good.jsonl"), *TRAIN_BASE, "--max-steps", "0",
+            "--dtype", spelling, "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *argv])
+    main()
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["dtype"] == recorded
+    assert build_config(dtype=spelling).dtype == recorded
+
+
+def test_an_unreadable_data_file_is_named_before_anything_loads(files, tmp_path, monkeypatch, capsys):
+    """A data file this process may not read (its permissions; as root, whom permissions do not
+    stop, the same PermissionError is raised by the open)."""
+    import builtins
+
+    from train_cli.app import main
+
+    data = tmp_path / "secret.jsonl"
+    data.write_text((files / "good.jsonl").read_text())
+    data.chmod(0o000)
+    if os.geteuid() == 0:
+        real_open = builtins.open
+
+        def guarded(path, *args, **kwargs):
+            if str(path) == str(data):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("train_cli.data.open", guarded, raising=False)
+    out = tmp_path / "out"
+    argv = ["--model", str(files / "plain"), "--data", str(data), *TRAIN_BASE, "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert stderr == f"{ERROR}--data {data}: cannot read it (Permission denied); check its permissions\n"
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ mtp-train --resume
+
+
+@pytest.fixture(scope="module")
+def recorded_run(files, tmp_path_factory) -> Path:
+    """A finished 2-step run with a checkpoint per step, recorded with --lr 1e-3 and --k-max 4."""
+    out = tmp_path_factory.mktemp("recorded") / "run"
+    config = build_config(model=str(files / "plain"), data=str(files / "good.jsonl"), prompt_field="question",
+                          response_field="answer", output_dir=str(out), max_steps=2, save_every=1, keep_last=5, seq_len=40,
+                          regions=4, k_max=4, micro_batch_size=2, eval_rows=2, dtype="fp32", lr=1e-3)
+    Trainer(config).run()
+    return out
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _scramble(path: Path) -> None:  # same size, not a torch file
+    path.write_bytes(b"\0" * path.stat().st_size)
+
+
+def snapshot(directory: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "damage", "message"),
+    cases(
+        ("resume-another-model", ["--model", "{root}/mtp"], None,
+         r"--resume: --model '.*mtp' contradicts the run's recorded --model '.*plain' \(.*step-0000002/train_config.yaml\); "
+         r"leave it out to continue the run as recorded, or start a new run in another --output-dir \(what may change "
+         r"on resume: --output-dir, --max-steps, .*--device"),
+        ("resume-another-k-max", ["--k-max", "3"], None, r"--resume: --k-max 3 contradicts the run's recorded --k-max 4 \("),
+        ("resume-another-lr", ["--lr", "0.5"], None, r"--resume: --lr 0.5 contradicts the run's recorded --lr 0.001 \("),
+        ("resume-another-loss", ["--loss", "soft-kl"], None,
+         r"--resume: --loss 'soft-kl' contradicts the run's recorded --loss 'hard-label' \("),
+        ("resume-recipe-contradicts", ["--config", "{root}/beta1-other.yaml"], None,
+         r"--resume: --adam-beta1 0.8 contradicts the run's recorded --adam-beta1 0.9 \("),
+        ("resume-without-checkpoints", [], "no-checkpoints", r"--resume: no complete checkpoint in .*checkpoints$"),
+        ("resume-every-state-truncated", [], "truncate-states",
+         r"--resume: no intact checkpoint in .*checkpoints \(step-0000002: trainer_state.pt has \d+ bytes, \d+ were "
+         r"written; step-0000001: trainer_state.pt has \d+ bytes, \d+ were written\); start a new run$"),
+        ("resume-every-state-unreadable", [], "scramble-states",
+         r"--resume: no intact checkpoint in .*checkpoints \(step-0000002: trainer_state.pt is unreadable \(.*\); "
+         r"step-0000001: trainer_state.pt is unreadable \(.*\)\); start a new run$"),
+    ),
+)
+def test_a_bad_resume_is_one_line_and_changes_nothing(args, damage, message, recorded_run, files, tmp_path, monkeypatch,
+                                                      capsys):
+    import shutil
+
+    from train_cli import checkpoints
+    from train_cli.app import main
+
+    out = tmp_path / "run"
+    shutil.copytree(recorded_run, out)
+    for checkpoint in checkpoints.complete_checkpoints(out):
+        if damage == "no-checkpoints":
+            shutil.rmtree(checkpoint)
+        elif damage:
+            (_truncate if damage == "truncate-states" else _scramble)(checkpoint / checkpoints.STATE_FILE)
+    before = snapshot(out)
+    # Today's flags as the run was started, plus the case's own (a resume with only --output-dir is fine).
+    argv = ["--resume", "--output-dir", str(out), "--max-steps", "3", *(a.format(root=files) for a in args)]
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr
+    assert stderr.startswith(ERROR) and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr.strip()[len(ERROR):]), stderr
+    assert snapshot(out) == before

@@ -276,3 +276,111 @@ def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
         write_jsonl(samples, [good, bad])
     assert [json.loads(line) for line in samples.read_text().splitlines()] == [asdict(good)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mtp_samples.jsonl", "report.md"]  # no temporary left
+
+
+@pytest.fixture(scope="module")
+def three_checkpoints(tiny_run, tmp_path_factory):  # noqa: F811
+    """A run stopped after 3 steps (a checkpoint each), and the same run done in 4 steps straight."""
+    root = tmp_path_factory.mktemp("fallback")
+    Trainer(config(tiny_run, root / "run", max_steps=3, keep_last=3)).run()
+    Trainer(config(tiny_run, root / "straight", max_steps=4, keep_last=3)).run()
+    return root
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {  # what a full disk, a copy cut short or a stray rm leaves in a checkpoint
+    "weights-truncated": (lambda c: _cut(c / "model.safetensors"), r"model.safetensors has \d+ bytes, \d+ were written"),
+    "tokenizer-missing": (lambda c: (c / "tokenizer.json").unlink(), r"tokenizer.json is missing"),
+    "state-truncated": (lambda c: _cut(c / checkpoints.STATE_FILE), r"trainer_state.pt has \d+ bytes, \d+ were written"),
+    "state-overwritten": (lambda c: (c / checkpoints.STATE_FILE).write_bytes(b"\0" * (c / checkpoints.STATE_FILE).stat().st_size),
+                          r"trainer_state.pt is unreadable \(.*\)"),
+    "config-truncated": (lambda c: _cut(c / "config.json"), r"config.json has \d+ bytes, \d+ were written"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(damage, three_checkpoints, tmp_path, monkeypatch,
+                                                                         capsys):
+    """``mtp-train --resume --output-dir DIR`` alone: the run's recorded settings, from step 2 when
+    step 3 is damaged (one warning line naming it and why; it is moved aside, not resumed from or
+    counted), to the very weights of the run done straight."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from train_cli.app import main
+
+    out = tmp_path / "run"
+    shutil.copytree(three_checkpoints / "run", out)
+    damaged = checkpoints.checkpoint_path(out, 3)
+    act, reason = DAMAGES[damage]
+    act(damaged)
+    monkeypatch.setattr(sys, "argv", ["mtp-train", "--resume", "--output-dir", str(out), "--max-steps", "4"])
+    main()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and re.fullmatch(
+        rf"mtp-train: warning: --resume: {re.escape(str(damaged))} is damaged \({reason}\); resuming from step-0000002 "
+        rf"instead \(it moves to {re.escape(str(damaged.with_name('damaged-step-0000003')))}\)", warnings[0]), warnings
+    assert [p.name for p in checkpoints.complete_checkpoints(out)] == ["step-0000002", "step-0000003", "step-0000004"]
+    assert (checkpoints.checkpoint_dir(out) / "damaged-step-0000003").is_dir()
+    assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4]
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(three_checkpoints / "straight" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_weights_that_an_update_made_non_finite_are_never_written(tiny_run, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A finite loss and gradient, then an update that overflows float32 (lr 1e39 passes as a
+    finite number): no checkpoint and no export of those weights, one line, exit 2."""
+    from train_cli.app import main
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *cli(tiny_run, out, max_steps=3, lr=1e39, warmup_steps=0)[1:]])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2
+    assert re.fullmatch(r"mtp-train: error: step 1: the weights are not finite after its update \(NaN/inf in \S+ and \d+ "
+                        r"more\); the checkpoint of step 1 is not written and there is no earlier checkpoint \(a smaller "
+                        r"--lr keeps the updates finite\)", last), last
+    assert checkpoints.complete_checkpoints(out) == [] and not (out / "config.json").exists()
+    assert [r["step"] for r in train_records(out)] == [1]  # the step happened; its weights were not kept
+
+
+def test_metrics_lines_stay_strict_json_when_a_value_is_nan(tmp_path):
+    from train_cli.plugins import MetricsFile
+
+    def strict(line: str) -> dict:
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON: {line}"))
+
+    metrics = MetricsFile()
+    metrics.mtp_train_start(config={}, output_dir=str(tmp_path), start_step=0, total_steps=2)
+    metrics.mtp_step_end(step=1, metrics={"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    metrics.mtp_validation_end(step=1, metrics={"step": 1, "loss": float("-inf"), "agreement": [1.0, float("nan")]})
+    lines = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"kind": "train", "step": 1, "loss": None, "grad_norm": None, "lr": 1e-3},
+                     {"kind": "eval", "step": 1, "loss": None, "agreement": [1.0, None]}]
+    MetricsFile().mtp_train_start(config={}, output_dir=str(tmp_path), start_step=1, total_steps=2)  # the resume rewrite
+    assert [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines
+
+
+@pytest.mark.parametrize("moment", ["importing", "loading-data"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(moment, tiny_run, tmp_path):  # noqa: F811
+    """SIGINT half a second in (importing torch and transformers takes longer), or once it reads the
+    data file (its own datasets cache appears): one line, exit status 130, no traceback, no output
+    directory."""
+    out, hf_home = tmp_path / "out", tmp_path / "hf"
+    proc = launch(cli(tiny_run, out, max_steps=1000), tmp_path / "run.log", env={**ENV, "HF_HOME": str(hf_home)})
+    if moment == "importing":
+        time.sleep(0.5)
+    else:
+        wait_until(lambda: (hf_home / "datasets").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    log = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == ("mtp-train: interrupted during start-up, before the first step; nothing was "
+                                            "trained or saved"), log[-3000:]
+    assert not out.exists()

@@ -90,6 +90,25 @@ def test_one_process_and_two_give_the_same_loss_curve(tiny_run, tmp_path):  # no
     assert one[-1]["loss"] != one[0]["loss"]  # the curve moves: the comparison is not of constants
 
 
+def test_ranks_weigh_every_supervised_position_alike(tiny_run, tmp_path):  # noqa: F811
+    """Long rows of short documents: the ranks hold different numbers of supervised positions. The
+    loss and the update are the uniform mean over the global batch (each rank's loss scaled by its
+    share of the positions), so 2 ranks of 2 rows equal 1 process of 4; a mean of the ranks' means
+    would not."""
+    from safetensors.torch import load_file
+
+    fixed = ("--seq-len", "160", "--k-min", "3", "--k-max", "3", "--max-steps", "3", "--save-every", "3", "--eval-every", "3")
+    one = train_lines(train(tiny_run, tmp_path / "one", "--micro-batch-size", "4", *fixed, processes=0))
+    two = train_lines(train(tiny_run, tmp_path / "two", "--micro-batch-size", "2", *fixed))
+    assert [line["supervised_positions"] for line in one] == [line["supervised_positions"] for line in two]
+    assert any(len(set(line["supervised_positions_per_rank"])) > 1 for line in two), two  # the ranks' shares differ
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=TOLERANCE), (a["step"], a["loss"], b["loss"])
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
 def test_resume_refuses_another_launch(tiny_run, tmp_path):  # noqa: F811
     common = ("--micro-batch-size", "2", "--save-every", "2", "--max-steps", "2")
     train(tiny_run, tmp_path / "run", *common, processes=0)

@@ -139,7 +139,7 @@ def test_wandb_logger_sends_train_and_eval_metrics(tiny_run, tmp_path, monkeypat
     logs = [c for c in calls if c[0] == "log"]
     assert [c[1] for c in logs if "train/loss" in c[2]] == [1, 2]
     evals = [c[2] for c in logs if "eval/loss" in c[2]]
-    assert len(evals) == 1 and "eval/agreement/1" in evals[0] and "eval/eff_k_tau_0.9" in evals[0]
+    assert len(evals) == 1 and "eval/agreement/1" in evals[0] and "eval/est_eff_k_tau_0.9_one_pass" in evals[0]
     assert calls[-1] == ("finish",)
 
 

@@ -14,7 +14,7 @@ from conftest import CORPUS, PROMPTS, batch, build_model, build_tokenizer
 
 from mtp_plugins import generate, read_mtp_spec
 from train_cli.config import ConfigError, build_config
-from train_cli.trainer import Trainer
+from train_cli.trainer import EST_EFF_K, Trainer
 
 MTP_TRAIN = str(Path(sys.executable).with_name("mtp-train"))
 
@@ -123,7 +123,9 @@ def test_validation_reports_agreement_by_offset_and_eff_k(tiny_run, tmp_path):
     # At a negligible learning rate the student is still the teacher at offset 1 (same weights).
     assert evals[-1]["agreement"][0] == 1.0
     assert all(0.0 <= a <= 1.0 for a in evals[-1]["agreement"])
-    assert 1.0 <= evals[-1]["eff_k_tau_0.9"] <= 4.0
+    # A one-pass estimate on the ground-truth text, named for what it is (not decoding's Eff. k).
+    assert 1.0 <= evals[-1][EST_EFF_K] <= 4.0 and "eff_k_tau_0.9" not in evals[-1]
+    assert EST_EFF_K == "est_eff_k_tau_0.9_one_pass"
 
 
 def run_cli(*args, cwd=None):
@@ -296,3 +298,176 @@ def test_training_only_the_mask_embeddings_keeps_every_other_weight(tiny_run, tm
     prepared = Trainer(settings(tiny_run, tmp_path / "prepared", mask_tokens=3, max_steps=0)).run()
     before = weights(prepared)["model.embed_tokens.weight"][mask_ids]
     assert not torch.equal(before, trained["model.embed_tokens.weight"][mask_ids])  # the mask rows learned
+
+
+@pytest.mark.parametrize("vocab", ["teacher-lacks-the-mask-row", "padded-vocabulary"])
+def test_the_mask_token_is_never_a_draft_or_a_target(vocab, tiny_run, tmp_path):
+    """A student (and a teacher, where it has the mask's row) biased towards the mask token:
+    training runs, and no draft fed to the teacher, no target and no validation argmax is a mask id."""
+    from train_cli.trainer import NEVER
+
+    tokenizer = build_tokenizer()
+    extra = 8 if vocab == "padded-vocabulary" else 0  # rows past the tokenizer: the mask id falls inside them
+    model = build_model("llama", len(tokenizer) + extra)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    seen = {"drafted": set(), "targets": set(), "student_argmax": set()}
+
+    class MaskBiased(Trainer):
+        def setup(self, resume=False):
+            super().setup(resume)
+            mask = list(self.spec.mask_token_ids)
+
+            def favour_mask(module, args, output):
+                output = output.clone()
+                output[..., [m for m in mask if m < output.shape[-1]]] += 1e3
+                seen["student_argmax"].update(output.argmax(-1).flatten().tolist()) if module is self.student.lm_head else None
+                return output
+
+            self.student.lm_head.register_forward_hook(favour_mask)
+            self.teacher.lm_head.register_forward_hook(favour_mask)
+            self.teacher.get_input_embeddings().register_forward_pre_hook(
+                lambda module, args: seen["drafted"].update(args[0].flatten().tolist()))
+            loss = self.loss_fn
+
+            def recording(student, teacher, targets, weights):
+                assert (teacher[:, mask] == NEVER).all()
+                seen["targets"].update(teacher.argmax(-1)[weights > 0].tolist())
+                return loss(student, teacher, targets, weights)
+
+            self.loss_fn = recording
+
+    trainer = MaskBiased(settings(tiny_run, tmp_path / "out", model=str(tmp_path / "model"), max_steps=2, loss="hard-label"))
+    trainer.run()
+    mask = set(trainer.spec.mask_token_ids)
+    teacher_rows = trainer.teacher.get_input_embeddings().num_embeddings
+    assert mask <= seen["student_argmax"]  # the bias works: the student's raw argmax is the mask
+    assert seen["drafted"] and not seen["drafted"] & mask and max(seen["drafted"]) < teacher_rows
+    assert seen["targets"] and not seen["targets"] & mask
+    evals = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evals and all(0.0 <= a <= 1.0 for a in evals[-1]["agreement"])
+
+
+def test_an_mtp_checkpoint_trained_again_records_this_runs_k_max(tiny_run, tmp_path):
+    """k_max is the horizon of the run that wrote the checkpoint (this one's), not the earlier run's."""
+    from transformers import AutoConfig
+
+    first = Trainer(settings(tiny_run, tmp_path / "first", max_steps=1, k_max=4)).run()
+    assert read_mtp_spec(AutoConfig.from_pretrained(first)).k_max == 4
+    for k_max in (8, 3):
+        again = Trainer(settings(tiny_run, tmp_path / f"k{k_max}", model=str(first), max_steps=1, k_max=k_max)).run()
+        spec = read_mtp_spec(AutoConfig.from_pretrained(again))
+        assert spec.k_max == k_max and spec.mask_token_ids == read_mtp_spec(AutoConfig.from_pretrained(first)).mask_token_ids
+
+
+def test_resume_with_only_the_output_dir_continues_the_recorded_run(tiny_run, tmp_path, monkeypatch):
+    """Flags that may change (how long, how it logs) apply; the rest comes from the recorded run, and
+    train_config.yaml records the settings that were used."""
+    import yaml
+
+    from train_cli.app import main
+
+    out = tmp_path / "out"
+    first = ["--model", str(tiny_run / "model"), "--data", str(tiny_run / "data.jsonl"), "--prompt-field", "question",
+             "--response-field", "answer", "--seq-len", "40", "--regions", "4", "--k-max", "3", "--lr", "0.002",
+             "--dtype", "float32", "--max-steps", "2", "--save-every", "1", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", ["mtp-train", *first])
+    main()
+    recorded = yaml.safe_load((out / "train_config.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # another working directory, and the output directory spelled relatively
+    monkeypatch.setattr(sys, "argv", ["mtp-train", "--resume", "--output-dir", "out", "--max-steps", "4", "--log-every", "2"])
+    main()
+    used = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert {k: v for k, v in used.items() if k not in ("max_steps", "log_every", "output_dir")} == \
+           {k: v for k, v in recorded.items() if k not in ("max_steps", "log_every", "output_dir")}
+    assert (used["max_steps"], used["log_every"], used["k_max"], used["lr"], used["dtype"]) == (4, 2, 3, 0.002, "fp32")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [line["step"] for line in lines] == [1, 2, 4] and all(2 <= line["k"] <= 3 for line in lines)
+    # The Python API checks its whole config against the record the same way.
+    api = dict(model=str(tiny_run / "model"), k_max=3, lr=0.002, max_steps=6)
+    with pytest.raises(ConfigError, match=r"^--resume: --eval-rows 8 contradicts the run's recorded --eval-rows 64 "):
+        Trainer(settings(tiny_run, out, **api)).run(resume=True)
+
+
+def test_list_plugins_shows_a_hook_plugins_own_requirement(plugin_dist, capsys, monkeypatch):
+    plugin_dist("needy_hook", """
+        from mtp_plugins.hooks import HookPluginError, hookimpl
+
+        class Needy:
+            opt_in = True
+
+            def require(self):
+                raise HookPluginError("needy: set NEEDY_URL to the collector's address (no package is missing)")
+
+            @hookimpl
+            def mtp_step_end(self, step, metrics):
+                pass
+
+        plugin = Needy()
+    """, "[mtp_plugins.hooks]\nneedy = needy_hook:plugin\n", dist="needy-dist")
+    monkeypatch.setenv("COLUMNS", "400")
+    from train_cli.app import print_plugins
+
+    print_plugins()
+    row = next(line for line in capsys.readouterr().out.splitlines() if "needy" in line and "needy-dist" in line)
+    assert "set NEEDY_URL to the collector's address (no package is missing)" in row, row
+    assert "pip install" not in row, row
+
+
+def test_the_loss_is_the_uniform_mean_over_every_supervised_position(tiny_run, tmp_path):
+    """Micro-batches with different numbers of supervised positions (long rows, short documents):
+    the step's loss and update weigh each position alike (METHOD.md section 4), so 2 micro-batches
+    of 2 rows equal 1 of 4 rows; a mean of the micro-batches' means would not."""
+    from safetensors.torch import load_file
+
+    long_rows = dict(seq_len=160, regions=4, k_min=3, k_max=3, max_steps=1, eval_every=100, save_every=100, warmup_steps=0)
+
+    def step(name, **shape):
+        out = Trainer(settings(tiny_run, tmp_path / name, **long_rows, **shape)).run()
+        line = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x)
+        return line, load_file(str(out / "model.safetensors"))
+
+    (split, a), (whole, b) = step("split", micro_batch_size=2, grad_accum=2), step("whole", micro_batch_size=4, grad_accum=1)
+    # The same 4 rows and grid offset, by hand: the uniform mean differs from the mean of the two means.
+    probe = Trainer(settings(tiny_run, tmp_path / "probe", **long_rows))
+    probe.setup()
+    rows = probe.sampler.take(4)
+    parts = [probe.forward(probe._layout(probe.documents, part, 3, split["offset"]), train=False) for part in (rows[:2], rows[2:])]
+    counts = [3 * int(p.supervised.sum()) for p in parts]
+    uniform = sum(p.loss.item() * n for p, n in zip(parts, counts)) / sum(counts)
+    assert counts[0] != counts[1] and abs(uniform - sum(p.loss.item() for p in parts) / 2) > 1e-3, counts
+    assert split["supervised_positions"] == whole["supervised_positions"] == sum(counts)
+    assert split["loss"] == pytest.approx(uniform, rel=1e-5) and whole["loss"] == pytest.approx(uniform, rel=1e-5)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("budget", ["steps", "tokens"])
+def test_progress_in_a_log_prints_whole_lines_with_an_eta(budget, capsys, monkeypatch):
+    """Not a terminal (a log, a pipe): one whole line per 10% of the run, however long, with the
+    elapsed time and an ETA; rich wraps nothing at 80 columns."""
+    from train_cli import plugins
+
+    now = [0.0]  # the clock: 2 s a step
+    monkeypatch.setattr(plugins.time, "monotonic", lambda: now[0])
+    monkeypatch.delenv("COLUMNS", raising=False)
+    model = "/a/model/directory/" + "deep/" * 30 + "model"
+    progress = plugins.Progress()
+    total = 20 if budget == "steps" else None
+    progress.mtp_train_start(config={"model": model, "max_tokens": None if total else 2000}, output_dir="/runs/" + "x" * 90,
+                             start_step=0, total_steps=total)
+    for step in range(1, 21):
+        now[0] = 2.0 * step
+        progress.mtp_step_end(step=step, metrics={"loss": 1.0 / step, "k": 3, "tokens_per_s": 1234.0,
+                                                  "tokens": 100, "tokens_seen": 100 * step})
+    progress.mtp_validation_end(step=20, metrics={"loss": 0.5, "agreement": [1.0, 0.5] * 20, EST_EFF_K: 1.5})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"mtp-train: {model} -> /runs/{'x' * 90}, " + ("steps 0..20" if total else "until 2000 tokens")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 10, lines  # a line per 10%
+    where = "step 10/20" if total else "step 10, tokens 1000/2000"
+    half = next(line for line in steps if line.startswith(where + " "))
+    # 2 s a step; by steps the clock starts with the run, by tokens at the first step seen.
+    assert half.endswith("elapsed 0:00:20  ETA 0:00:20" if total else "elapsed 0:00:18  ETA 0:00:20"), half
+    assert lines[-1].startswith("eval @ 20: loss 0.5000  agreement by offset [1.00 0.50") and lines[-1].endswith(
+        "est. Eff. k@0.9 (one pass) 1.50")

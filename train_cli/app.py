@@ -12,9 +12,15 @@ import sys
 from enum import Enum
 from typing import Optional
 
-import typer
+STARTUP_INTERRUPTED = "mtp-train: interrupted during start-up, before the first step; nothing was trained or saved"
 
-from train_cli.config import TrainConfig
+try:  # Ctrl-C while the command is still importing: the same one line as later in the start-up
+    import typer
+
+    from train_cli.config import TrainConfig
+except KeyboardInterrupt:
+    print(STARTUP_INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
 
 D = TrainConfig()  # the defaults, shown in --help; they live in the dataclass only
 
@@ -37,6 +43,12 @@ class Schedule(str, Enum):
 class Trainable(str, Enum):
     all = "all"
     mask_embeddings = "mask-embeddings"
+    gated_lora = "gated-lora"
+
+
+class Export(str, Enum):
+    adapter = "adapter"
+    full = "full"
 
 
 class Dtype(str, Enum):
@@ -44,6 +56,9 @@ class Dtype(str, Enum):
     bf16 = "bf16"
     fp32 = "fp32"
     fp16 = "fp16"
+    bfloat16 = "bfloat16"  # the names torch, transformers and lm-eval use; recorded as bf16, fp32, fp16
+    float32 = "float32"
+    float16 = "float16"
 
 
 class OnNonfinite(str, Enum):
@@ -71,8 +86,8 @@ def print_plugins() -> None:
             state = f"ok, opt-in (--report-to {e.name})" if e.name in opt_in else "ok, always on"
             try:
                 getattr(load_plugin(e.group, e.name), "require", lambda: None)()
-            except HookPluginError:
-                state += f"; its package is missing (pip install {e.name})"
+            except HookPluginError as error:  # the plugin's own words: what is missing and how to get it
+                state += f"; cannot run: {error}"
         table.add_row(e.kind, e.name, f"{e.distribution} {e.version}", e.value, state)
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -113,7 +128,9 @@ def train(
     schedule: Optional[Schedule] = typer.Option(None, help=_help("After warm-up: constant or cosine to 0.", "schedule")),
     warmup_steps: Optional[int] = typer.Option(None, help=_help("Linear warm-up steps.", "warmup_steps")),
     weight_decay: Optional[float] = typer.Option(None, help=_help("AdamW weight decay (matrices only).", "weight_decay")),
-    grad_clip: Optional[float] = typer.Option(None, help=_help("Gradient norm clip.", "grad_clip")),
+    adam_beta1: Optional[float] = typer.Option(None, help=_help("AdamW beta1, in [0, 1).", "adam_beta1")),
+    adam_beta2: Optional[float] = typer.Option(None, help=_help("AdamW beta2, in [0, 1).", "adam_beta2")),
+    grad_clip: Optional[float] = typer.Option(None, help=_help("Gradient norm clip (a finite number > 0).", "grad_clip")),
     micro_batch_size: Optional[int] = typer.Option(None, help=_help("Rows per forward pass.", "micro_batch_size")),
     grad_accum: Optional[int] = typer.Option(None, help=_help("Micro-batches per optimizer step.", "grad_accum")),
     prefix_loss_weight: Optional[float] = typer.Option(None, help=_help("Weight of an ordinary next-token loss on the real tokens.", "prefix_loss_weight")),
@@ -125,30 +142,45 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help=_help("Validate every N steps (and at the end).", "eval_every")),
     log_every: Optional[int] = typer.Option(None, help=_help("Report metrics every N steps.", "log_every")),
     seed: Optional[int] = typer.Option(None, help=_help("Seed of the data order, k draws and region offsets.", "seed")),
-    dtype: Optional[Dtype] = typer.Option(None, help=_help("Compute precision (weights stay float32).", "dtype")),
+    dtype: Optional[Dtype] = typer.Option(None, help=_help("Compute precision (weights stay float32): auto, bf16 (bfloat16), fp32 (float32), fp16 (float16).", "dtype")),
     device: Optional[str] = typer.Option(None, help=_help("auto, cpu, cuda, cuda:N.", "device")),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code/--no-trust-remote-code", help=_help("Run the model repository's own code.", "trust_remote_code")),
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle/--no-allow-pickle", help=_help("Load pickle weights (pytorch_model.bin) of a model without safetensors; unpickling can run arbitrary code.", "allow_pickle")),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help=_help("Recompute layer activations in the backward pass (less memory, more time).", "activation_checkpointing")),
     shard_teacher: Optional[bool] = typer.Option(None, "--shard-teacher/--no-shard-teacher", help=_help("With several processes, FSDP-shard the frozen teacher too (else every rank holds a full copy).", "shard_teacher")),
-    trainable: Optional[Trainable] = typer.Option(None, help=_help("all: every weight; mask-embeddings: only the mask tokens' embedding rows (the next-token path stays exactly the original).", "trainable")),
+    trainable: Optional[Trainable] = typer.Option(None, help=_help("all: every weight; mask-embeddings: only the mask tokens' embedding rows; gated-lora: low-rank adapters that act only at mask tokens, plus the mask rows, over the frozen base (one copy of the weights, no teacher copy). mask-embeddings and gated-lora keep the next-token path exactly the original.", "trainable")),
+    lora_rank: Optional[int] = typer.Option(None, help=_help("gated-lora: adapter rank (measured on SmolLM2: benchmarks/results/distill_smollm2.md).", "lora_rank")),
+    lora_alpha: Optional[float] = typer.Option(None, help=_help("gated-lora: adapter scale alpha / rank.", "lora_alpha")),
+    lora_targets: Optional[str] = typer.Option(None, help=_help("gated-lora: projections with adapters: all (attention and MLP), attention, mlp, or names such as q_proj,v_proj.", "lora_targets")),
+    export: Optional[Export] = typer.Option(None, help=_help("gated-lora: the final directory holds the adapter only (small; loads through mtp-plugins), or also the base weights (full: any other tool loads the exact base model).", "export")),
     rollouts: Optional[int] = typer.Option(None, help=_help("Train on the frozen model's own greedy responses to this many training prompts (0: the data's responses).", "rollouts")),
     rollout_shots: Optional[int] = typer.Option(None, help=_help("Worked examples (the first training rows) put before each rollout prompt.", "rollout_shots")),
     rollout_max_tokens: Optional[int] = typer.Option(None, help=_help("Longest rollout response, in tokens.", "rollout_max_tokens")),
     report_to: Optional[str] = typer.Option(None, help=_help("Opt-in hook plugins to run, comma-separated: wandb, tensorboard, or an installed plugin's.", "report_to")),
     list_plugins: bool = typer.Option(False, "--list-plugins", is_eager=True, expose_value=False, callback=_list_plugins,
                                       help="List every installed loss, decoder and hook plugin (with its distribution), then exit."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest complete checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its newest intact checkpoint, "
+                                "with its recorded settings (flags may change only how long it runs, how it saves, "
+                                "logs and reacts, and the device; see docs/reliability.md)."),
 ) -> None:
-    from train_cli.config import build_config
-    from train_cli.trainer import Trainer, TrainingInterrupted
-
-    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items()
-             if k not in ("config", "resume", "list_plugins", "build_config", "Trainer", "TrainingInterrupted")}
-    settings = build_config(config, **flags)
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k not in ("config", "resume", "list_plugins")}
+    trainer = None
     try:
-        Trainer(settings).run(resume=resume)
-    except TrainingInterrupted as stop:
+        from train_cli.config import build_config, resume_config
+        from train_cli.trainer import Trainer
+
+        settings = resume_config(config, **flags) if resume else build_config(config, **flags)
+        trainer = Trainer(settings)
+        trainer.run(resume=resume)
+    except KeyboardInterrupt as stop:
+        _interrupted(stop, trainer, resume)
+
+
+def _interrupted(stop: KeyboardInterrupt, trainer: object, resume: bool) -> None:
+    """Ctrl-C: one line saying what was kept and how to continue; exit status 130."""
+    from train_cli.trainer import TrainingInterrupted
+
+    if isinstance(stop, TrainingInterrupted):
         if stop.main:
             from train_cli.distributed import launched_by_torchrun
 
@@ -156,17 +188,24 @@ def train(
             launch = " (under the same torchrun launch)" if launched_by_torchrun() else ""
             print(f"mtp-train: interrupted after step {stop.step}, saved as {stop.checkpoint}; continue with: {again}{launch}",
                   file=sys.stderr)
-        sys.exit(130)
+    elif trainer is None or not getattr(trainer, "training", False):
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
+    else:
+        print("mtp-train: interrupted; the newest checkpoint stays as it was (continue with --resume)", file=sys.stderr)
+    sys.exit(130)
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
-    from mtp_plugins.checkpoint import CheckpointError
-    from mtp_plugins.console import run_app
-    from mtp_plugins.registry import PluginError
-    from train_cli.config import ConfigError
-    from train_cli.trainer import NonFiniteLoss
-
+    try:
+        from mtp_plugins.checkpoint import CheckpointError
+        from mtp_plugins.console import run_app
+        from mtp_plugins.registry import PluginError
+        from train_cli.config import ConfigError
+        from train_cli.trainer import NonFiniteLoss
+    except KeyboardInterrupt:
+        print(STARTUP_INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     run_app(app, "mtp-train", (ConfigError, PluginError, CheckpointError, NonFiniteLoss))
 
 

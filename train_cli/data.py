@@ -44,17 +44,16 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
         builder = LOCAL_FORMATS.get(path.suffix)
         if builder is None:
             raise ConfigError(f"--data {config.data}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)}")
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as error:
+            raise ConfigError(f"--data {config.data}: cannot read it ({error.strerror or error}); check its permissions") from None
         if builder == "json":
             _check_text(path, config.data)
-        datasets_log = logging.getLogger("datasets")
-        level = datasets_log.level
-        datasets_log.setLevel(logging.CRITICAL)  # its log of a parse error would precede ours, less clearly
-        try:
-            splits = load_dataset(builder, data_files=str(path))
-        except Exception as error:  # datasets raises many kinds for unreadable files
-            raise ConfigError(f"--data {config.data}: cannot read it as {builder} ({_read_error(path, error)})") from None
-        finally:
-            datasets_log.setLevel(level)
+        splits = _json_columns(path, config.data) if path.suffix == ".json" else None
+        if splits is None:
+            splits = _load_file(path, builder, config)
     else:
         try:
             splits = load_dataset(config.data)
@@ -67,6 +66,9 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
         raise ConfigError(f"--data {config.data}: expected a 'train' split, found {list(splits)}")
     held_out = next((splits[name] for name in EVAL_SPLITS if name in splits), None)
     _check_fields(config, splits["train"].column_names)
+    for rows in (splits["train"], held_out):
+        if rows is not None:
+            _check_text_fields(rows, config)
     train = _drop_empty(splits["train"], config)
     if len(train) == 0:
         raise ConfigError(
@@ -74,6 +76,68 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
             "nothing to train on"
         )
     return train, None if held_out is None else _drop_empty(held_out, config)
+
+
+def _load_file(path: Path, builder: str, config: TrainConfig) -> Any:
+    from datasets import load_dataset
+
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)  # its log of a parse error would precede ours, less clearly
+    try:
+        return load_dataset(builder, data_files=str(path))
+    except Exception as error:  # datasets raises many kinds for unreadable files
+        fields = (config.prompt_field, config.response_field)
+        raise ConfigError(f"--data {config.data}: cannot read it as {builder} ({_read_error(path, error, fields)})") from None
+    finally:
+        datasets_log.setLevel(level)
+
+
+def _json_columns(path: Path, name: str) -> Any | None:
+    """A ``.json`` file holding one object of columns (``{"question": [...], "answer": [...]}``) as
+    rows (datasets would read it as one row of lists); None for anything else (a list of rows, or
+    JSON Lines), which ``load_dataset`` reads. Another object is refused."""
+    from datasets import Dataset, DatasetDict
+
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("{"):
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # one object per line: JSON Lines in a .json file
+            return None
+        raise ConfigError(f"--data {name}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    lengths = {key: len(value) for key, value in data.items() if isinstance(value, list)}
+    if not data or len(lengths) < len(data) or len(set(lengths.values())) > 1:
+        found = ", ".join(f"{k!r}: {type(v).__name__}" + (f" of {len(v)}" if isinstance(v, list) else "") for k, v in data.items())
+        raise ConfigError(
+            f"--data {name}: a JSON object must hold columns, each field a list of values of one length "
+            f"(or give a list of rows, or JSON Lines); found {{{found}}}"
+        )
+    return DatasetDict({"train": Dataset.from_dict(data)})
+
+
+def _check_text_fields(rows: Any, config: TrainConfig) -> None:
+    """The prompt and response fields hold text (numbers read as text too); a list or an object in
+    one is refused, naming the first row that holds one (it would be trained on as its repr)."""
+    from datasets import Value
+
+    for field in (config.prompt_field, config.response_field):
+        feature = rows.features[field]
+        if isinstance(feature, Value):  # strings, numbers, bools, nulls: one kind per column
+            continue
+        values = rows[field]  # lists, structs, or mixed (datasets' Json feature): find the first non-text one
+        row = next((i for i, v in enumerate(values) if isinstance(v, (list, tuple, dict))), None)
+        if row is None:
+            continue
+        kind = "an object" if isinstance(values[row], dict) else "a list"
+        flag = "--prompt-field" if field == config.prompt_field else "--response-field"
+        raise ConfigError(
+            f"--data {config.data}: row {row + 1}, field {field!r} ({flag}) holds {kind}, not text; "
+            "each row's prompt and response must be text"
+        )
 
 
 def _check_text(path: Path, name: str) -> None:
@@ -97,8 +161,9 @@ def _check_text(path: Path, name: str) -> None:
         raise ConfigError(f"--data {name}: the file is empty (no rows)")
 
 
-def _read_error(path: Path, error: Exception) -> str:
-    """Why datasets could not read ``path``: the first bad line of a JSONL file, else the root cause."""
+def _read_error(path: Path, error: Exception, fields: tuple[str, ...] = ()) -> str:
+    """Why datasets could not read ``path``: the first bad line of a JSONL file (not JSON, not an
+    object, a list or object in a text field), else the root cause."""
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -110,6 +175,10 @@ def _read_error(path: Path, error: Exception) -> str:
                     return f"line {number} is not valid JSON: {bad.msg} at column {bad.colno}"
                 if not isinstance(row, dict):
                     return f"line {number} is a JSON {type(row).__name__}, not an object of fields"
+                for field in fields:
+                    if isinstance(row.get(field), (list, dict)):
+                        kind = "an object" if isinstance(row[field], dict) else "a list"
+                        return f"line {number}, field {field!r} holds {kind}, not text"
     while error.__cause__ is not None:  # datasets wraps the parser's own error
         error = error.__cause__
     return f"{type(error).__name__}: {error}"
@@ -200,7 +269,7 @@ class Sampler:
         self.position = position or DataPosition()
 
     def _order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)  # torch's seed range
         return self.pool[torch.randperm(len(self.pool), generator=generator)]
 
     def take(self, n: int) -> list[int]:
@@ -218,5 +287,5 @@ class Sampler:
 def held_out_indices(size: int, rows: int, seed: int) -> list[int]:
     """Rows kept out of training when the data has no validation split (seeded, stable)."""
     rows = min(rows, max(0, size - 1))
-    generator = torch.Generator().manual_seed(seed * 7919 + 17)
+    generator = torch.Generator().manual_seed((seed * 7919 + 17) % 2**64)
     return torch.randperm(size, generator=generator)[:rows].tolist()

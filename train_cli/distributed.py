@@ -79,6 +79,16 @@ def mean(value: float, context: Context) -> float:
     return float(tensor) / context.world_size
 
 
+def total(value: int, context: Context) -> int:
+    """The sum of every rank's ``value`` (an integer count), on every rank."""
+    if not context.enabled:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor)
+    return int(tensor)
+
+
 def gather(value: Any, context: Context) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
     if not context.enabled:

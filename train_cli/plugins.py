@@ -6,7 +6,9 @@ package installed and never picks an entity or project of its own)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,26 @@ from mtp_plugins.files import append_line, write_atomic
 from mtp_plugins.hooks import HookPluginError, hookimpl
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON: a NaN or infinite number is written as null (a bare
+    ``NaN`` is not JSON, and readers of the file would reject the line)."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False)
+
+
 class MetricsFile:
     """``OUTPUT_DIR/metrics.jsonl``: one line per optimizer step (``"kind": "train"``) and per
-    validation (``"kind": "eval"``). On resume, lines past the resumed step (and a line a kill cut
-    short) are dropped, in one atomic rewrite; each line is appended by one system call."""
+    validation (``"kind": "eval"``), strict JSON (a NaN/inf value is null). On resume, lines past the
+    resumed step (and a line a kill cut short) are dropped, in one atomic rewrite; each line is
+    appended by one system call."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -28,11 +46,11 @@ class MetricsFile:
         from train_cli.checkpoints import complete_jsonl
 
         kept = [r for r in complete_jsonl(self.path) if r.get("step", 0) <= start_step] if start_step > 0 else []
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.path, "".join(json_line(r) + "\n" for r in kept))
 
     def _append(self, record: dict[str, Any]) -> None:
         if self.path is not None:
-            append_line(self.path, json.dumps(record))
+            append_line(self.path, json_line(record))
 
     @hookimpl
     def mtp_step_end(self, step: int, metrics: dict[str, Any]) -> None:
@@ -44,18 +62,22 @@ class MetricsFile:
 
 
 class Progress:
-    """A progress bar with loss, tokens/s and ETA on a terminal; a line per 10% of the run elsewhere."""
+    """A progress bar with loss, tokens/s and ETA on a terminal; elsewhere (a log, a pipe) a whole
+    line per 10% of the run, with the elapsed time and an ETA, never wrapped."""
 
     def __init__(self) -> None:
         self.progress = None
         self.task = None
         self.total: int | None = None
+        self.max_tokens: int | None = None
+        self.reference: tuple[float, float] | None = None  # (time, share of the run done) the ETA counts from
 
     @hookimpl
     def mtp_train_start(self, config: dict[str, Any], output_dir: str, start_step: int, total_steps: int | None) -> None:
         from rich.console import Console
 
-        self.total = total_steps
+        self.total, self.max_tokens = total_steps, config.get("max_tokens")
+        self.reference = (time.monotonic(), start_step / total_steps) if total_steps else None
         self.console = Console(stderr=True)
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -67,27 +89,60 @@ class Progress:
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
             self.progress.start()
         else:
-            self.console.print(f"mtp-train: {config['model']} -> {output_dir}, steps {start_step}..{total_steps}")
+            budget = f"steps {start_step}..{total_steps}" if total_steps is not None else f"until {self.max_tokens} tokens"
+            _line(f"mtp-train: {config['model']} -> {output_dir}, {budget}")
 
     @hookimpl
     def mtp_step_end(self, step: int, metrics: dict[str, Any]) -> None:
         status = f"loss {metrics['loss']:.4f}  k {metrics['k']}  {metrics['tokens_per_s']:.0f} tok/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)
-        elif self.total and (step == self.total or step % max(1, self.total // 10) == 0):
-            self.console.print(f"step {step}/{self.total}  {status}")
+            return
+        if self.total:  # a line per 10% of the steps
+            done, where = step / self.total, f"step {step}/{self.total}"
+            due = step == self.total or step % max(1, self.total // 10) == 0
+        elif self.max_tokens:  # a line per 10% of the token budget
+            seen = metrics.get("tokens_seen", 0)
+            done, where = min(1.0, seen / self.max_tokens), f"step {step}, tokens {seen}/{self.max_tokens}"
+            before = (seen - metrics.get("tokens", 0)) / self.max_tokens
+            due = done >= 1.0 or math.floor(done * 10) > math.floor(before * 10)
+        else:
+            return
+        if self.reference is None:  # the first step seen: the ETA counts from here
+            self.reference = (time.monotonic(), done)
+        if due:
+            now = time.monotonic()
+            elapsed, share = now - self.reference[0], done - self.reference[1]
+            eta = _clock(elapsed * (1.0 - done) / share) if share > 0 else "?"
+            _line(f"{where}  {status}  elapsed {_clock(elapsed)}  ETA {eta}")
 
     @hookimpl
     def mtp_validation_end(self, step: int, metrics: dict[str, Any]) -> None:
+        from train_cli.trainer import EST_EFF_K, TAU
+
         agree = " ".join(f"{a:.2f}" for a in metrics["agreement"])
-        line = f"eval @ {step}: loss {metrics['loss']:.4f}  agreement by offset [{agree}]  Eff. k@0.9 {metrics['eff_k_tau_0.9']:.2f}"
-        (self.progress.console if self.progress is not None else self.console).print(line)
+        line = (f"eval @ {step}: loss {metrics['loss']:.4f}  agreement by offset [{agree}]  "
+                f"est. Eff. k@{TAU} (one pass) {metrics[EST_EFF_K]:.2f}")
+        if self.progress is not None:
+            self.progress.console.print(line, soft_wrap=True)
+        else:
+            _line(line)
 
     @hookimpl
     def mtp_train_end(self, summary: dict[str, Any]) -> None:
         if self.progress is not None:
             self.progress.stop()
         print(f"mtp-train: model written to {summary['output_dir']}", file=sys.stderr)
+
+
+def _line(text: str) -> None:
+    """One whole line on stderr (a log or a pipe: no wrapping at any width, flushed)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mtp_plugins.adapters import gate_tail
 from mtp_plugins.checkpoint import read_mtp_spec
 from mtp_plugins.decoding.attention import grouped_attention
 from mtp_plugins.decoding.base import Decoder, Proposals
@@ -249,7 +250,8 @@ class _DecodeLoop:
         columns = torch.arange(block.shape[1], device=dev)
         positions = (packed_t[:, 1:2] + columns).clamp_(min=0)
         keep = max_drafts + 1 + n_masks  # logits from the oldest last-decided token to the last mask
-        logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep))
+        with gate_tail(self.model, n_masks):  # gated adapters act on the mask slots only
+            logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep))
         logits = logits[:, -keep:]  # [B, keep, V]
         if self.never is not None:
             logits.index_fill_(-1, self.never, float("-inf"))

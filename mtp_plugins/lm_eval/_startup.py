@@ -9,7 +9,12 @@ nothing happens unless a process imports lm-eval. Then:
   (registering into an empty registry would hide them), then ``mtp`` as a lazy
   ``"module:Class"`` target, so the backend's own imports (torch, transformers) wait for its use;
 - right after ``lm_eval.tasks.manager`` is imported: ``TaskManager`` also indexes our tasks
-  directory, before any ``--include_path`` (whose tasks keep precedence).
+  directory, before any ``--include_path`` (whose tasks keep precedence);
+- in the ``lm_eval`` command line itself (not in a program that imports lm-eval), a bad input of
+  ours that nobody catches (a bad ``--model_args`` value of ``mtp``: ``MTPArgumentError``, a model
+  that cannot load: ``CheckpointError``) is printed as one line ``lm_eval: error: ...`` instead of a
+  traceback (``sys.excepthook``; Python's exit status for an uncaught error, 1, stays; any other
+  error keeps its traceback, and ``MTP_PLUGINS_DEBUG=1`` shows ours too).
 
 Rules: standard library only, cheap, idempotent, never raises (a failure here must not break an
 unrelated Python program), retires wherever the installed lm-eval discovers plugins itself (its
@@ -24,6 +29,10 @@ MODEL_NAME = "mtp"
 MODEL_TARGET = "mtp_plugins.lm_eval.model:MTPLM"
 _REGISTRY = "lm_eval.api.registry"
 _TASKS = "lm_eval.tasks.manager"
+# Errors that name a bad input; looked up only in modules already imported (an error of a class
+# whose module was never imported cannot have been raised).
+USER_ERRORS = (("mtp_plugins.lm_eval.model", "MTPArgumentError"), ("mtp_plugins.checkpoint", "CheckpointError"))
+CLI_NAMES = ("lm_eval", "lm-eval")
 
 
 def enabled():
@@ -62,6 +71,40 @@ def register_model(registry):
     models = registry.model_registry
     if MODEL_NAME not in models:
         models.register(MODEL_NAME, target=MODEL_TARGET)
+    if is_lm_eval_cli(sys.argv):
+        name = os.path.basename(sys.argv[0])
+        install_excepthook(name if name in CLI_NAMES else "lm_eval")  # ``python -m lm_eval``: lm_eval
+
+
+def is_user_error(error):
+    """Whether ``error`` is one of our one-line bad-input errors (see ``USER_ERRORS``)."""
+    classes = [getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS]
+    return any(isinstance(error, cls) for cls in classes if isinstance(cls, type))
+
+
+def is_lm_eval_cli(argv):
+    """Whether this process is lm-eval's command line (``lm_eval``, ``lm-eval``, ``python -m lm_eval``)."""
+    program = argv[0] if argv else ""
+    return os.path.basename(program) in CLI_NAMES or program.endswith(os.path.join("lm_eval", "__main__.py"))
+
+
+def install_excepthook(program):
+    """Print an uncaught bad-input error of ours as one line ``PROGRAM: error: ...`` (idempotent)."""
+    previous = sys.excepthook
+    if getattr(previous, "_mtp_plugins", False):
+        return
+
+    def excepthook(kind, error, traceback):
+        try:
+            if is_user_error(error) and not os.environ.get("MTP_PLUGINS_DEBUG"):
+                print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+                return
+        except Exception:
+            pass
+        previous(kind, error, traceback)
+
+    excepthook._mtp_plugins = True
+    sys.excepthook = excepthook
 
 
 def add_tasks(manager_module):

@@ -9,15 +9,6 @@ from __future__ import annotations
 
 import sys
 
-# Errors that name a bad input; looked up only in modules already imported (an error of a class
-# whose module was never imported cannot have been raised).
-_USER_ERRORS = (("mtp_plugins.lm_eval.model", "MTPArgumentError"), ("mtp_plugins.checkpoint", "CheckpointError"))
-
-
-def _is_user_error(error: BaseException) -> bool:
-    classes = [getattr(sys.modules.get(module), name, None) for module, name in _USER_ERRORS]
-    return any(isinstance(error, cls) for cls in classes if isinstance(cls, type))
-
 
 def main() -> None:
     import lm_eval.api.registry
@@ -31,7 +22,7 @@ def main() -> None:
     try:
         cli_evaluate()
     except Exception as error:
-        if not _is_user_error(error):
+        if not _startup.is_user_error(error):
             raise
         print(f"mtp-lm-eval: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,9 @@ strategy, so stop strings retire rows one by one, and every sample's decode stat
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 import warnings
 from collections import defaultdict, deque
 from pathlib import Path
@@ -16,15 +19,17 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from mtp_plugins.checkpoint import CheckpointError, loading, read_mtp_spec, weights_source
+from mtp_plugins.adapters import AdapterError, is_adapter_dir, read_adapter_record
+from mtp_plugins.checkpoint import CheckpointError, load_checkpoint, loading, read_mtp_spec, weights_source
 from mtp_plugins.decoding import generate
-from mtp_plugins.decoding.engine import check_cache, check_draft_lookup, check_mask_slots
+from mtp_plugins.decoding.engine import check_cache, check_draft_lookup, check_mask_slots, make_decoder
 from mtp_plugins.lm_eval.stats import (
     SampleStats,
     aggregate,
     default_stats_path,
     output_path_from_argv,
     summary_table,
+    unwritable_reason,
     write_jsonl,
 )
 from mtp_plugins.hooks import plugin_manager
@@ -44,10 +49,15 @@ class MTPLM(HFLM):
     ``strategy`` (a decoder name, default ``confadapt``), ``stats_path`` (the per-sample JSONL;
     default: beside lm-eval's ``--output_path`` results), ``report_to`` (opt-in hook plugins, joined
     by ``+``, e.g. ``report_to=wandb+tensorboard``), ``allow_pickle`` (default false: weights load
-    from safetensors only), ``mask_slots`` (``auto``, the default, or 0..k-1), ``draft_lookup``
+    from safetensors only), ``mask_slots`` (``auto`` or 0..k-1; default: ``generate``'s), ``draft_lookup``
     (n-gram drafts for ``verify``; 0 turns them off), ``cache`` (``dynamic`` or ``static``) and
     ``compile`` (``true`` or a ``torch.compile`` mode; implies ``cache=static``), as for
-    ``mtp_plugins.generate``. Every ``hf`` model_arg works as for ``hf``.
+    ``mtp_plugins.generate``. A model_arg named in the chosen decoder's ``options`` goes to the decoder
+    (``generate(..., decoder_options=...)``), e.g. ``strategy=entropy-confadapt,gate=0.5``. Every
+    ``hf`` model_arg works as for ``hf``; any other key is refused with the names allowed.
+    ``pretrained`` may be a gated adapter checkpoint (``mtp-train --trainable gated-lora``): it loads
+    as its recorded base model with the adapter attached (``base=`` names the base elsewhere; its
+    weights must hash as recorded). Log-likelihoods never give a mask token any probability.
     After each batch of generation requests the ``mtp_generation_finished`` hook of every active hook
     plugin receives the decode statistics.
     """
@@ -62,13 +72,17 @@ class MTPLM(HFLM):
         report_to: str | None = None,
         trust_remote_code: bool | None = False,
         allow_pickle: bool = False,
-        mask_slots: int | str = "auto",
+        mask_slots: int | str | None = None,
         draft_lookup: int | None = None,
         cache: str | None = None,
         compile: bool | str = False,
+        base: str | None = None,
         **kwargs: Any,
     ) -> None:
         decoder_cls = _check_args(k, tau, strategy)
+        self._adapter_base, self._allow_pickle = base, allow_pickle  # read by _get_config/_create_model
+        self.decoder_options = _decoder_options(kwargs, decoder_cls)
+        _build_decoder(strategy, k if k is not None else DEFAULT_K, tau, self.decoder_options)  # a bad value fails now
         _checked("compile", compile, lambda: check_cache(None, compile))
         _checked("cache", cache, lambda: check_cache(cache, compile))
         if not isinstance(allow_pickle, bool):
@@ -78,38 +92,25 @@ class MTPLM(HFLM):
                 "model_args use_safetensors is not an argument of --model mtp: weights load from safetensors "
                 "only; pass allow_pickle=true to allow pickle weights"
             )
+        if stats_path is not None and (problem := unwritable_reason(Path(str(stats_path)))):
+            raise MTPArgumentError(f"model_args stats_path={stats_path!r} is not allowed: {problem}")
         try:
             self._hooks = plugin_manager(report_to=str(report_to).replace("+", ",") if report_to else None).hook
         except PluginError as error:
             raise MTPArgumentError(f"model_args report_to={report_to!r} is not allowed: {error}") from None
-        try:
-            if isinstance(pretrained, str) and not kwargs.get("gguf_file"):
-                weights = Path(pretrained, kwargs.get("subfolder") or "")
-                kwargs.update(weights_source(weights, allow_pickle=allow_pickle, opt_in="model_args allow_pickle=true"))
-            with loading(pretrained):
-                super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
-            spec = read_mtp_spec(self.model)
-        except CheckpointError as error:  # the message names the model
-            raise MTPArgumentError(f"model_args pretrained: {error}") from None
+        spec = self._load_model(pretrained, trust_remote_code, allow_pickle, kwargs, decoder_cls, strategy)
         self.k = k if k is not None else (spec.k_max if spec is not None and spec.k_max else DEFAULT_K)
         self.tau = float(tau)
         self.strategy = strategy
-        decoder = decoder_cls(k=self.k, tau=self.tau)
-        _checked("mask_slots", mask_slots, lambda: check_mask_slots(mask_slots, decoder))
+        self.uses_tau = bool(decoder_cls.uses_tau)
+        decoder = _build_decoder(strategy, self.k, self.tau, self.decoder_options)
+        if mask_slots is not None:  # None: generate's own default
+            _checked("mask_slots", mask_slots, lambda: check_mask_slots(mask_slots, decoder))
         _checked("draft_lookup", draft_lookup, lambda: check_draft_lookup(draft_lookup, decoder))
         self.mask_slots, self.draft_lookup = mask_slots, draft_lookup
         self.cache, self.compile = cache, compile
         if decoder.num_proposals > 1:
-            if spec is None:
-                raise MTPArgumentError(
-                    f"strategy={strategy} with k={self.k} needs an MTP checkpoint, but {pretrained} has no "
-                    "mask token (no `mtp` block in its config.json). Make one with "
-                    "mtp_plugins.add_mask_tokens + `mtp-train`, or pass strategy=ar or k=1."
-                )
-            if spec.max_decodable_k is not None and self.k > spec.max_decodable_k:
-                raise MTPArgumentError(
-                    f"k={self.k} is too large for {pretrained}: its per-slot mask tokens allow k <= {spec.max_decodable_k}"
-                )
+            _check_checkpoint_fits(spec, strategy, self.k, pretrained)
         self._enable_cpu_data_parallel()
         self._pretrained_name = pretrained if isinstance(pretrained, str) else type(pretrained).__name__
         self._stats_path = Path(stats_path) if stats_path else None
@@ -118,6 +119,66 @@ class MTPLM(HFLM):
         self._model_calls = 0
         self._pending_requests: dict[str, deque] = defaultdict(deque)
         self._batch_contexts: list[str] = []
+
+    def _load_model(
+        self, pretrained: Any, trust_remote_code: Any, allow_pickle: bool, kwargs: dict[str, Any], decoder_cls: type,
+        strategy: str,
+    ) -> Any:
+        """HFLM's loading, with every failure one MTPArgumentError; returns the checkpoint's MTP spec."""
+        try:
+            if isinstance(pretrained, str) and not kwargs.get("gguf_file") and not is_adapter_dir(pretrained):
+                weights = Path(pretrained, kwargs.get("subfolder") or "")
+                kwargs.update(weights_source(weights, allow_pickle=allow_pickle, opt_in="model_args allow_pickle=true"))
+            with loading(pretrained):
+                super().__init__(pretrained=pretrained, trust_remote_code=trust_remote_code, **kwargs)
+            if self._adapter_base is not None and not is_adapter_dir(pretrained):
+                raise CheckpointError(f"base= is only for gated adapter checkpoints; {pretrained} is a full model")
+            spec = read_mtp_spec(self.model)
+            self._never = torch.tensor(spec.mask_token_ids, device=self.device) if spec is not None else None
+            return spec
+        except CheckpointError as error:  # the message names the model
+            raise MTPArgumentError(f"model_args pretrained: {error}") from None
+        except TypeError as error:  # an unknown key reaches from_pretrained and the model's constructor
+            key = _unexpected_keyword(error)
+            if key is None or key not in kwargs:
+                raise
+            raise MTPArgumentError(unknown_key_message(key, kwargs[key], decoder_cls, strategy)) from None
+
+    # ------------------------------------------------------------ gated adapter checkpoints
+
+    def _get_config(self, pretrained: str, **kwargs: Any) -> None:
+        """An adapter directory has no config.json: the config is its base model's."""
+        if not is_adapter_dir(pretrained):
+            return super()._get_config(pretrained, **kwargs)
+        try:
+            record = read_adapter_record(Path(pretrained))
+        except AdapterError as error:
+            raise CheckpointError(str(error)) from None
+        base = self._adapter_base or (pretrained if record.get("full") else record["base"]["name_or_path"])
+        with loading(base):
+            super()._get_config(base, **kwargs)
+
+    def _create_model(self, pretrained: str, revision: str | None = "main", dtype: Any = "auto",
+                      trust_remote_code: bool | None = False, **kwargs: Any) -> None:
+        """A gated adapter checkpoint loads as its base model with the adapter attached
+        (``load_checkpoint``); any other model as lm-eval's ``hf`` loads it."""
+        if not is_adapter_dir(pretrained):
+            return super()._create_model(pretrained, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         **kwargs)
+        from lm_eval.models.utils_hf import get_dtype
+
+        self._model, _, _ = load_checkpoint(pretrained, base=self._adapter_base, dtype=get_dtype(dtype),
+                                            revision=revision, trust_remote_code=bool(trust_remote_code),
+                                            allow_pickle=self._allow_pickle)
+        self._config = self._model.config
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        """lm-eval's logits, with the mask tokens' at -inf: a mask token is never a prediction, so
+        log-likelihoods are over the real vocabulary (those of the model the checkpoint came from)."""
+        logits = super()._model_call(inps, attn_mask, labels)
+        never = getattr(self, "_never", None)
+        return logits if never is None else logits.index_fill(-1, never.to(logits.device), float("-inf"))
 
     def _enable_cpu_data_parallel(self) -> None:
         """Shard documents across ``accelerate launch`` processes on CPU too.
@@ -195,10 +256,11 @@ class MTPLM(HFLM):
                 do_sample=do_sample,
                 temperature=float(temperature) if do_sample else 1.0,
                 top_p=float(top_p),
-                mask_slots=self.mask_slots,
+                **({"mask_slots": self.mask_slots} if self.mask_slots is not None else {}),
                 draft_lookup=self.draft_lookup,
                 cache=self.cache,
                 compile=self.compile,
+                decoder_options=self.decoder_options or None,
             )
         self._record(out.stats, context.shape[0])
         return out.sequences
@@ -244,7 +306,7 @@ class MTPLM(HFLM):
             write_jsonl(path, self._all_samples)
         self._written_stats_path = path
         summary = self.mtp_summary()
-        summary_table(summary, path)
+        summary_table(summary, path, uses_tau=self.uses_tau)
         self._hooks.mtp_generation_finished(summary=summary, samples_path=str(path) if path else None)
 
     def mtp_summary(self) -> dict[str, Any]:
@@ -257,6 +319,7 @@ class MTPLM(HFLM):
             tau=self.tau,
             seconds=getattr(self, "_all_seconds", self._generation_seconds),
             calls=getattr(self, "_all_calls", self._model_calls),
+            decoder_options=self.decoder_options,
         )
         path = getattr(self, "_written_stats_path", None)
         summary["samples_path"] = str(path) if path else None
@@ -286,3 +349,58 @@ def _check_args(k: Any, tau: Any, strategy: Any) -> type:
         return load_decoder(str(strategy))
     except UnknownPluginError as error:
         raise MTPArgumentError(f"model_args strategy={strategy!r} is not allowed: {error}") from None
+
+
+def _check_checkpoint_fits(spec: Any, strategy: str, k: int, pretrained: Any) -> None:
+    """A strategy that feeds mask slots needs a checkpoint with mask tokens, enough of them for k."""
+    if spec is None:
+        raise MTPArgumentError(
+            f"strategy={strategy} with k={k} needs an MTP checkpoint, but {pretrained} has no "
+            "mask token (no `mtp` block in its config.json). Make one with "
+            "mtp_plugins.add_mask_tokens + `mtp-train`, or pass strategy=ar or k=1."
+        )
+    if spec.max_decodable_k is not None and k > spec.max_decodable_k:
+        raise MTPArgumentError(
+            f"k={k} is too large for {pretrained}: its per-slot mask tokens allow k <= {spec.max_decodable_k}"
+        )
+
+
+def _decoder_options(kwargs: dict[str, Any], decoder_cls: type) -> dict[str, Any]:
+    """Take the model_args the decoder declares in ``options`` out of ``kwargs`` (an hf model_arg of
+    the same name stays lm-eval's)."""
+    hf = set(_hf_args())
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in decoder_cls.options and name not in hf}
+
+
+def _build_decoder(strategy: str, k: int, tau: float, options: dict[str, Any]) -> Any:
+    """The decoder as ``generate`` builds it; a value it refuses is a model_args error naming it."""
+    try:
+        return make_decoder(strategy, k, float(tau), options=options)
+    except ValueError as error:
+        given = ",".join(f"{name}={value!r}" for name, value in options.items()) or f"strategy={strategy!r}"
+        raise MTPArgumentError(f"model_args {given} is not allowed: {error}") from None
+
+
+def _own_args() -> list[str]:
+    return [p for p in inspect.signature(MTPLM.__init__).parameters if p not in ("self", "kwargs")]
+
+
+def _hf_args() -> list[str]:
+    return [p for p in inspect.signature(HFLM.__init__).parameters if p not in ("self", "kwargs")]
+
+
+def _unexpected_keyword(error: TypeError) -> str | None:
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(error))
+    return found.group(1) if found else None
+
+
+def unknown_key_message(key: str, value: Any, decoder_cls: type, strategy: str) -> str:
+    """One line: the unknown model_args key, the closest allowed name, and every name allowed."""
+    ours, hf, options = _own_args(), _hf_args(), sorted(decoder_cls.options)
+    close = difflib.get_close_matches(key, [*ours, *options, *hf], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ";"
+    return (
+        f"model_args {key}={value!r} is not an argument of --model mtp{hint} allowed: mtp's "
+        f"{', '.join(ours)}; strategy {strategy}'s options: {', '.join(options) or 'none'}; lm-eval hf's "
+        f"{', '.join(n for n in hf if n not in ours)}; and the from_pretrained keywords of the model"
+    )

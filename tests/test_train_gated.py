@@ -1,0 +1,97 @@
+"""`mtp-train --trainable gated-lora`: the base never moves, the adapter export loads everywhere a
+checkpoint does, resume is exact, every loss trains, and what the mode cannot do is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, batch
+from safetensors.torch import load_file
+from test_train import settings, tiny_run  # noqa: F401  (the fixture)
+from transformers import AutoModelForCausalLM
+
+from mtp_plugins import generate, load_checkpoint
+from mtp_plugins.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapters_of
+from train_cli.config import ConfigError
+from train_cli.trainer import Trainer
+
+GATED = dict(trainable="gated-lora", lora_rank=4, lora_alpha=8.0, lr=5e-2)
+
+
+def _original(tiny_run):
+    return AutoModelForCausalLM.from_pretrained(tiny_run / "model", dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("loss", ["hard-label", "soft-kl", "ground-truth"])
+def test_a_gated_run_learns_the_mask_slots_and_leaves_the_base_exact(loss, tiny_run, tmp_path):
+    out = Trainer(settings(tiny_run, tmp_path / "out", loss=loss, **GATED)).run()
+    assert (out / ADAPTER_CONFIG).is_file() and not (out / "config.json").exists()
+    record = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert record["base"]["name_or_path"] == str(tiny_run / "model") and len(record["base"]["weights_sha256"]) == 64
+    assert (record["rank"], record["alpha"], record["gate"], record["mtp"]["k_max"]) == (4, 8.0, "mask-token", 4)
+    tensors = load_file(str(out / ADAPTER_WEIGHTS))
+    assert any(t.abs().sum() > 0 for n, t in tensors.items() if n.endswith("mtp_lora_B"))  # it learnt
+    model, tokenizer, spec = load_checkpoint(out, dtype=torch.float32)
+    assert adapters_of(model) is not None and spec.k_max == 4
+    original = _original(tiny_run)
+    ids, mask = batch(tokenizer, PROMPTS)
+    with torch.no_grad():
+        want = original(ids, attention_mask=mask).logits
+        assert torch.equal(model(ids, attention_mask=mask).logits[..., : want.shape[-1]], want)
+    expected = original.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=1)
+    for strategy in ("ar", "verify"):
+        assert torch.equal(generate(model, ids, mask, strategy=strategy, k=4, max_new_tokens=16).sequences, expected)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_the_adapter_is_a_few_per_cent_of_the_base(tiny_run, tmp_path):
+    out = Trainer(settings(tiny_run, tmp_path / "out", max_steps=1, **GATED)).run()
+    adapter = (out / ADAPTER_WEIGHTS).stat().st_size
+    base = (tiny_run / "model" / "model.safetensors").stat().st_size
+    assert adapter < 0.25 * base  # the tiny test model is nearly all embedding; SmolLM2: README
+    step = out / "checkpoints" / "step-0000001"
+    assert (step / ADAPTER_WEIGHTS).is_file() and not (step / "model.safetensors").exists()
+
+
+def test_gated_resume_reaches_the_same_adapter(tiny_run, tmp_path):
+    Trainer(settings(tiny_run, tmp_path / "straight", **GATED)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=2, **GATED)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=4, **GATED)).run(resume=True)
+    a, b = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("straight", "split"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_full_export_is_the_exact_base_to_other_tools(tiny_run, tmp_path):
+    out = Trainer(settings(tiny_run, tmp_path / "out", max_steps=2, export="full", **GATED)).run()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert adapters_of(plain) is None
+    original = _original(tiny_run)
+    model, tokenizer, _ = load_checkpoint(out, dtype=torch.float32)
+    ids, mask = batch(tokenizer, PROMPTS)
+    with torch.no_grad():
+        want = original(ids, attention_mask=mask).logits
+        assert torch.equal(plain(ids, attention_mask=mask).logits[..., : want.shape[-1]], want)
+    assert adapters_of(model) is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"prefix_loss_weight": 0.5}, r"--prefix-loss-weight 0.5 does nothing with --trainable gated-lora"),
+     ({"activation_checkpointing": True}, r"--activation-checkpointing is not for --trainable gated-lora"),
+     ({"lora_rank": 0}, r"--lora-rank must be >= 1, got 0"),
+     ({"lora_alpha": float("nan")}, r"--lora-alpha must be a finite number"),
+     ({"lora_targets": " , "}, r"--lora-targets: .*name at least one projection")],
+)
+def test_what_gated_lora_cannot_do_is_refused(overrides, message, tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        settings(tiny_run, tmp_path / "out", **{**GATED, **overrides})
+
+
+def test_export_full_is_only_for_gated_lora(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"--export full is for --trainable gated-lora"):
+        settings(tiny_run, tmp_path / "out", export="full")
