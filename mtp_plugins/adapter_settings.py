@@ -9,7 +9,12 @@ from dataclasses import dataclass
 #: The attention and MLP projections of Llama-, Qwen-, Mistral- and Gemma-style models, and GPT-2's.
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj")
 MLP = ("gate_proj", "up_proj", "down_proj", "c_fc")
-TARGET_SETS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
+#: The projections that write into the residual stream (attention output, MLP output; GPT-2's
+#: ``c_proj`` is both): the default. On SmolLM2 they learn about as much per step as every projection
+#: at a higher lr, and keep a decoding pass within 1.1x of the plain model's on a CPU, where every
+#: projection costs about 1.3x (benchmarks/results/adapter_targets.md, adapter_pass_cost.md).
+RESIDUAL = ("o_proj", "down_proj", "c_proj")
+TARGET_SETS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP, "residual": RESIDUAL}
 
 
 class AdapterError(ValueError):
@@ -22,7 +27,7 @@ class AdapterSettings:
 
     rank: int = 16
     alpha: float = 32.0
-    targets: tuple[str, ...] = TARGET_SETS["all"]
+    targets: tuple[str, ...] = RESIDUAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -38,11 +43,11 @@ class AdapterSettings:
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
-    """``all``, ``attention``, ``mlp`` or comma-separated module names (``q_proj,v_proj``)."""
+    """``residual``, ``all``, ``attention``, ``mlp`` or comma-separated module names (``q_proj,v_proj``)."""
     names: list[str] = []
     for part in (p.strip() for p in str(text).split(",")):
         if part:
             names.extend(TARGET_SETS.get(part, (part,)))
     if not names:
-        raise AdapterError(f"adapter targets {text!r}: name at least one projection, or all, attention, mlp")
+        raise AdapterError(f"adapter targets {text!r}: name at least one projection, or residual, all, attention, mlp")
     return tuple(dict.fromkeys(names))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,7 +121,10 @@ def attach_gated_lora(
         a = a.to(device=module.weight.device, dtype=kind)
         module.register_parameter(_A, torch.nn.Parameter(a))
         module.register_parameter(_B, torch.nn.Parameter(torch.zeros(features[1], settings.rank, dtype=kind, device=a.device)))
-        adapters.handles.append(module.register_forward_hook(_gated_delta(gate, settings.scale)))
+        # The gated path is the projection's own forward (a bound method; cheaper per call than a
+        # forward hook, and a deepcopy of the model rebinds it to the copy), its state on the module.
+        module.__dict__.update(_mtp_gate=gate, _mtp_scale=settings.scale)
+        module.forward = types.MethodType(_gated_forward, module)
         adapters.modules[name] = module
     _group_shared_inputs(adapters.modules, settings.scale)
     if not adapters.modules:
@@ -129,39 +133,38 @@ def attach_gated_lora(
             f"adapter targets {', '.join(settings.targets)} match no projection of {type(model).__name__}; "
             f"its projections: {', '.join(found)}"
         )
-    adapters.handles.append(model.register_forward_pre_hook(_gate_from_inputs(gate), with_kwargs=True))
+    adapters.handles.append(model.register_forward_pre_hook(_gate_from_inputs, with_kwargs=True))
     model.__dict__["mtp_adapters"] = adapters
     return adapters
 
 
-def _gated_delta(gate: Gate, scale: float) -> Any:
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        tail, rows = gate.tail, gate.rows
-        if not tail and rows is None:
-            return None  # a pass without mask slots: the base projection alone
-        x = args[0]  # [B, S, in]
-        if tail:
-            tail = output.shape[1] if tail < 0 else tail
-            if not torch.is_grad_enabled():
-                group = module.__dict__.get("_mtp_group")
-                if group is not None:
-                    low = group[0].delta(group[1], x, tail)
-                else:
-                    a, b = _inference_weights(module, scale)
-                    low = torch.mm(torch.mm(x[:, -tail:].to(torch.float32).reshape(-1, a.shape[0]), a), b)
-                output[:, -tail:] += low.view(output.shape[0], tail, -1)
-                return output
-            a, b = getattr(module, _A), getattr(module, _B)
-            delta = (F.linear(F.linear(x[:, -tail:], a), b) * scale).to(output.dtype)  # [B, tail, out]
-            if tail == output.shape[1]:
-                return output + delta
-            return torch.cat([output[:, :-tail], output[:, -tail:] + delta], dim=1)
+def _gated_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The projection, plus its low-rank path on the gated rows of ``x`` ``[B, S, in]``."""
+    output = type(module).forward(module, x)
+    gate, scale = module._mtp_gate, module._mtp_scale
+    tail, rows = gate.tail, gate.rows
+    if not tail and rows is None:
+        return output  # a pass without mask slots: the base projection alone
+    if tail:
+        tail = output.shape[1] if tail < 0 else tail
+        if not torch.is_grad_enabled():
+            group = module.__dict__.get("_mtp_group")
+            if group is not None:
+                low = group[0].delta(group[1], x, tail)
+            else:
+                a, b = _inference_weights(module, scale)
+                low = torch.mm(torch.mm(x[:, -tail:].to(torch.float32).reshape(-1, a.shape[0]), a), b)
+            output[:, -tail:] += low.view(output.shape[0], tail, -1)
+            return output
         a, b = getattr(module, _A), getattr(module, _B)
-        flat = output.reshape(-1, output.shape[-1])
-        delta = F.linear(F.linear(x.reshape(-1, x.shape[-1]).index_select(0, rows), a), b) * scale
-        return flat.index_add(0, rows, delta.to(flat.dtype)).view(output.shape)
-
-    return hook
+        delta = (F.linear(F.linear(x[:, -tail:], a), b) * scale).to(output.dtype)  # [B, tail, out]
+        if tail == output.shape[1]:
+            return output + delta
+        return torch.cat([output[:, :-tail], output[:, -tail:] + delta], dim=1)
+    a, b = getattr(module, _A), getattr(module, _B)
+    flat = output.reshape(-1, output.shape[-1])
+    delta = F.linear(F.linear(x.reshape(-1, x.shape[-1]).index_select(0, rows), a), b) * scale
+    return flat.index_add(0, rows, delta.to(flat.dtype)).view(output.shape)
 
 
 def _inference_weights(module: torch.nn.Module, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,19 +238,16 @@ def _group_shared_inputs(modules: dict[str, torch.nn.Module], scale: float) -> N
                     m.__dict__["_mtp_group"] = (group, i)
 
 
-def _gate_from_inputs(gate: Gate) -> Any:
+def _gate_from_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """Unless a pass set the gate, it is where ``input_ids`` hold a mask token (none without ids)."""
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if gate.forced:
-            return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        gate.tail, gate.rows = 0, None
-        if isinstance(ids, torch.Tensor):
-            rows = torch.isin(ids.flatten(), gate.mask_ids).nonzero().flatten()
-            gate.rows = rows if rows.numel() else None
-
-    return hook
+    gate = model.__dict__["mtp_adapters"].gate
+    if gate.forced:
+        return
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    gate.tail, gate.rows = 0, None
+    if isinstance(ids, torch.Tensor):
+        rows = torch.isin(ids.flatten(), gate.mask_ids).nonzero().flatten()
+        gate.rows = rows if rows.numel() else None
 
 
 @contextmanager

@@ -117,3 +117,27 @@ def test_resume_refuses_another_launch(tiny_run, tmp_path):  # noqa: F811
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "written by a single plain process" in proc.stderr and "torchrun with 2 process(es)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_gated_lora_on_two_processes_follows_one_and_exports_one_adapter(tiny_run, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from mtp_plugins import load_checkpoint
+    from mtp_plugins.adapters import ADAPTER_WEIGHTS
+
+    fixed = ("--trainable", "gated-lora", "--lora-rank", "4", "--lr", "5e-2", "--k-min", "3", "--k-max", "3",
+             "--max-steps", "4", "--save-every", "2", "--eval-every", "4", "--grad-accum", "2")
+    one = train_lines(train(tiny_run, tmp_path / "one", "--micro-batch-size", "4", *fixed, processes=0))
+    two = train_lines(train(tiny_run, tmp_path / "two", "--micro-batch-size", "2", *fixed))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE, rel=TOLERANCE), (a["step"], a["loss"], b["loss"])
+    assert one[-1]["loss"] != one[0]["loss"]
+    a, b = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
+    assert not (tmp_path / "two" / "config.json").exists()  # one adapter export, no full model
+    model, tokenizer, _ = load_checkpoint(tmp_path / "two")
+    ids, mask = batch(tokenizer, PROMPTS)
+    ar = generate(model, ids, mask, strategy="ar", max_new_tokens=12)
+    assert torch.equal(generate(model, ids, mask, strategy="verify", k=3, max_new_tokens=12).sequences, ar.sequences)
