@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0, help="training wall-clock per mode")
     parser.add_argument("--lr-full", type=float, default=5e-5)
-    parser.add_argument("--lr-gated", type=float, default=1e-3)
+    parser.add_argument("--lr-gated", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--k-max", type=int, default=8)
     parser.add_argument("--questions", type=int, default=24)
@@ -124,8 +124,8 @@ def main() -> None:
     lines = header("Full-weight vs gated-lora distillation of SmolLM2-135M-Instruct at equal wall-clock (CPU)") + [
         f"Each mode trained {args.minutes:g} minutes (validation excluded) on GSM8K train: hard-label, k in [2, "
         f"{args.k_max}], micro-batch 8 x 160, chat template, bf16 compute, 20 warm-up steps then constant lr "
-        f"(full-weight {args.lr_full:g}; gated-lora {args.lr_gated:g}, rank {args.rank}, alpha {2 * args.rank}, every "
-        f"attention and MLP projection, no weight decay). Decoding: {n} GSM8K test questions, chat template, greedy, "
+        f"(full-weight {args.lr_full:g}; gated-lora {args.lr_gated:g}, rank {args.rank}, alpha {2 * args.rank}, the "
+        f"default targets o_proj and down_proj, no weight decay). Decoding: {n} GSM8K test questions, chat template, greedy, "
         f"up to {args.max_new} new tokens, batch 8, bf16; ConfAdapt tau 0.9 with k = {args.k_max}.", "",
         "| mode | steps | s/step | held-out agreement by offset 1..k | est. Eff. k (one pass) | ConfAdapt Eff. k | "
         "ConfAdapt answers = own ar | ar answers = original | ar texts = original |",

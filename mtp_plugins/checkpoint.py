@@ -130,6 +130,22 @@ def read_mtp_spec(model_or_config: Any) -> MTPSpec | None:
     return spec
 
 
+def checkpoint_spec(name_or_path: str | PathLike[str], **kwargs: Any) -> MTPSpec | None:
+    """The MTP spec a checkpoint records, read without its weights: from ``config.json``, or from
+    ``mtp_adapter.json`` for a gated adapter. ``kwargs`` go to ``AutoConfig.from_pretrained``."""
+    from mtp_plugins import adapter_checkpoint, adapters
+
+    if adapter_checkpoint.is_adapter_dir(name_or_path):
+        try:
+            return MTPSpec.from_dict(adapter_checkpoint.read_adapter_record(Path(name_or_path))["mtp"])
+        except adapters.AdapterError as error:
+            raise CheckpointError(str(error)) from None
+    from transformers import AutoConfig
+
+    with loading(name_or_path):
+        return read_mtp_spec(AutoConfig.from_pretrained(name_or_path, **kwargs))
+
+
 def write_mtp_spec(model_or_config: Any, spec: MTPSpec) -> None:
     """Record ``spec`` in the config, where ``save_pretrained`` writes it to ``config.json``."""
     setattr(_config_of(model_or_config), CONFIG_KEY, spec.to_dict())
@@ -283,11 +299,11 @@ def load_checkpoint(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mtp_plugins import adapters
+    from mtp_plugins import adapter_checkpoint, adapters
 
-    if adapters.is_adapter_dir(name_or_path):
+    if adapter_checkpoint.is_adapter_dir(name_or_path):
         try:
-            return adapters.load_adapter(name_or_path, base=base, dtype=dtype, device=device, revision=revision,
+            return adapter_checkpoint.load_adapter(name_or_path, base=base, dtype=dtype, device=device, revision=revision,
                                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         except adapters.AdapterError as error:
             raise CheckpointError(str(error)) from None

@@ -10,7 +10,8 @@ import torch
 from test_lm_eval import GEN, TINY_MC, assert_same_loglikelihoods, evaluate, responses
 
 from mtp_plugins import add_mask_tokens, load_checkpoint
-from mtp_plugins.adapters import AdapterSettings, attach_gated_lora, save_adapter, weights_hash
+from mtp_plugins.adapter_checkpoint import save_adapter, weights_hash
+from mtp_plugins.adapters import AdapterSettings, attach_gated_lora
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,21 @@ def test_base_model_arg_names_the_base_and_is_refused_for_full_models(adapter_di
         evaluate("mtp", f"pretrained={adapter_dir},base={tiny_checkpoints['mtp']}", ["gsm8k"], limit=1)
     with pytest.raises(MTPArgumentError, match=r"base= is only for gated adapter checkpoints"):
         evaluate("mtp", f"pretrained={tiny_checkpoints['mtp']},base={tiny_checkpoints['plain']}", ["gsm8k"], limit=1)
+
+
+def test_the_sweep_takes_an_adapter_and_its_recorded_base(adapter_dir, tiny_checkpoints, tmp_path):
+    import shutil
+
+    import yaml
+    from test_sweep import sweep, table
+
+    run = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, run)
+    (run / "train_config.yaml").write_text(yaml.safe_dump({"model": str(tiny_checkpoints["plain"])}))  # as mtp-train writes it
+    out = tmp_path / "sweep"
+    proc = sweep(str(run), "--task", "gsm8k", "--limit", "2", "--taus", "0.9", "--static", "none", "--batch-size", "2",
+                 "--dtype", "float32", "--max-gen-toks", "16", "--out", str(out), "--timing-repeats", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table((out / "report.md").read_text())
+    assert list(rows) == ["hf", "ar", "confadapt-tau0.9"]
+    assert rows["ar"]["answers = hf"] == "2/2" and rows["ar"]["texts = hf"] == "2/2"  # the original model's, exactly

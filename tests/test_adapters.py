@@ -19,9 +19,8 @@ from mtp_plugins.adapters import (
     attach_gated_lora,
     gate_all,
     parse_targets,
-    save_adapter,
-    weights_hash,
 )
+from mtp_plugins.adapter_checkpoint import save_adapter, weights_hash
 from mtp_plugins.checkpoint import CheckpointError
 
 

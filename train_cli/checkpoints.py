@@ -253,7 +253,7 @@ def write_model(
     """The model files of a checkpoint or export: an HF model directory, or (``adapter``: the
     ``save_adapter`` arguments) a gated adapter checkpoint."""
     if adapter is not None:
-        from mtp_plugins.adapters import save_adapter
+        from mtp_plugins.adapter_checkpoint import save_adapter
 
         save_adapter(directory, model, tokenizer, state_dict=weights, **adapter)
         return

@@ -64,7 +64,12 @@ def _run(args: list[str]) -> None:
 
 
 def _trained(run: Path) -> bool:
-    return (run / "config.json").exists() and (run / "train_config.yaml").exists() and (run / "model.safetensors").exists()
+    """The run exported: an HF model directory, or a gated adapter checkpoint (``--trainable gated-lora``)."""
+    from mtp_plugins.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    model = (run / "config.json").exists() and (run / "model.safetensors").exists()
+    adapter = (run / ADAPTER_CONFIG).exists() and (run / ADAPTER_WEIGHTS).exists()
+    return (run / "train_config.yaml").exists() and (model or adapter)
 
 
 class Stages:

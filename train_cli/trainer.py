@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mtp_plugins import adapters
+from mtp_plugins import adapter_checkpoint, adapters
 from mtp_plugins.checkpoint import add_mask_tokens, loading, read_mtp_spec, weights_source
 from mtp_plugins.hooks import plugin_manager
 from mtp_plugins.layout import Layout, LayoutGeometry, build_layout
@@ -188,8 +188,8 @@ class Trainer:
                                    seed=_stream(c.seed, 3))
         adapters.train_mask_rows(self.student, self.spec.mask_token_ids, dtype=torch.float32)
         if Path(source) != Path(c.model):
-            adapters.load_adapter_weights(self.student, Path(source), self.spec.mask_token_ids)
-        self.base_hash = adapters.weights_hash(c.model)
+            adapter_checkpoint.load_adapter_weights(self.student, Path(source), self.spec.mask_token_ids)
+        self.base_hash = adapter_checkpoint.weights_hash(c.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.teacher = None
         if self.dist.enabled:

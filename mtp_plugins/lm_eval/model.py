@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from mtp_plugins.adapters import AdapterError, is_adapter_dir, read_adapter_record
+from mtp_plugins.adapter_checkpoint import is_adapter_dir, read_adapter_record
+from mtp_plugins.adapters import AdapterError
 from mtp_plugins.checkpoint import CheckpointError, load_checkpoint, loading, read_mtp_spec, weights_source
 from mtp_plugins.decoding import generate
 from mtp_plugins.decoding.engine import check_cache, check_draft_lookup, check_mask_slots, make_decoder

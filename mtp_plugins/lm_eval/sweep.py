@@ -187,7 +187,7 @@ class Sweep:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from mtp_plugins.adapters import is_adapter_dir
+            from mtp_plugins.adapter_checkpoint import is_adapter_dir
             from mtp_plugins.checkpoint import load_checkpoint, loading, weights_source
 
             if is_adapter_dir(path):  # a gated adapter: its base model with the adapter attached

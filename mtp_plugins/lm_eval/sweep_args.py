@@ -90,13 +90,10 @@ def check_device(device: str) -> None:
 
 def check_model(model: str, k: int | None, static_ks: list[int]) -> int:
     """The checkpoint is an MTP checkpoint that decodes every k asked for; returns confadapt's k."""
-    from transformers import AutoConfig
-
-    from mtp_plugins.checkpoint import CheckpointError, loading, read_mtp_spec
+    from mtp_plugins.checkpoint import CheckpointError, checkpoint_spec
 
     try:
-        with loading(model):
-            spec = read_mtp_spec(AutoConfig.from_pretrained(model))
+        spec = checkpoint_spec(model)
     except CheckpointError as error:
         raise SweepError(f"MODEL {model!r}: {error}") from None
     if spec is None:
