@@ -200,3 +200,38 @@ def test_inference_sees_every_update_of_trainable_adapters(tokenizer):
             p.requires_grad_(False)
         assert not torch.allclose(before, after)
         assert torch.allclose(after, fresh(ids).logits[:, -2:], atol=1e-5)
+
+
+def _compile_case(tokenizer):
+    original = build_model("llama", len(tokenizer), seed=5)
+    model, spec = _gated(original, tokenizer, targets="residual")
+    for p in adapters_of(model).parameters():
+        p.requires_grad_(False)  # as load_checkpoint gives them
+    ids, mask = batch(tokenizer, PROMPTS[:3])
+    return original, model, ids, mask
+
+
+def test_the_fixed_shape_path_gates_the_mask_slots(tokenizer, monkeypatch):
+    from test_engine_static import Recorder
+
+    from mtp_plugins.decoding import engine
+
+    original, model, ids, mask = _compile_case(tokenizer)
+    monkeypatch.setattr(engine, "compiled_call", Recorder())
+    want = original.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=1)
+    assert torch.equal(generate(model, ids, mask, strategy="verify", k=4, max_new_tokens=16, compile=True).sequences, want)
+    eager = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16)
+    fixed = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16, compile=True)
+    assert torch.equal(eager.sequences, fixed.sequences)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_the_gated_adapters(tokenizer):
+    """A real inductor compile of a model with gated adapters: ``verify`` is the original model's
+    greedy decoding, and ``static`` proposes what the eager engine proposes (float32)."""
+    original, model, ids, mask = _compile_case(tokenizer)
+    want = original.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=1)
+    assert torch.equal(generate(model, ids, mask, strategy="verify", k=4, max_new_tokens=16, compile=True).sequences, want)
+    eager = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16)
+    compiled = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16, compile=True)
+    assert torch.equal(eager.sequences, compiled.sequences)

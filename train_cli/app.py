@@ -197,13 +197,21 @@ def _interrupted(stop: KeyboardInterrupt, trainer: object, resume: bool) -> None
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
+    import signal
+
+    # Ctrl-C while torch and transformers import is held until they are in: a KeyboardInterrupt
+    # raised inside their native initialisation aborts the interpreter (SIGABRT) instead.
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         from mtp_plugins.checkpoint import CheckpointError
         from mtp_plugins.console import run_app
         from mtp_plugins.registry import PluginError
         from train_cli.config import ConfigError
         from train_cli.trainer import NonFiniteLoss
-    except KeyboardInterrupt:
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
         print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     run_app(app, "mtp-train", (ConfigError, PluginError, CheckpointError, NonFiniteLoss))
