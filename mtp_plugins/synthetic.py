@@ -11,10 +11,12 @@ to the test split exactly when a hash of its text says so, and the train split s
     >>> rows[0]["answer"].splitlines()[-1].startswith("#### ")
     True
 
-``mtp-train --data synthetic-gsm[:N]`` trains on N train problems (default 20000; fields
+Two difficulty levels (``LEVELS``): ``standard`` and ``easy`` (one step, numbers below 20: the
+demo's level, which SmolLM2-135M can do). ``mtp-train --data synthetic-gsm[:N][:LEVEL]`` trains on
+N train problems of that level (default 20000, standard; fields
 ``question`` and ``answer``, and ``prompt``/``completion`` laid out exactly as the task prompts:
-``Question: ...\nAnswer:`` then `` answer``, for ``--template completion``); the lm-eval task
-``synthetic_gsm`` evaluates on the test split.
+``Question: ...\nAnswer:`` then `` answer``, for ``--template completion``); the lm-eval tasks
+``synthetic_gsm`` and ``synthetic_gsm_easy`` (``dataset_kwargs: difficulty``) evaluate on the test split.
 """
 
 from __future__ import annotations
@@ -159,30 +161,87 @@ def _savings(r: random.Random) -> tuple[str, list[str], int]:
     return question, steps, total - spent
 
 
-TEMPLATES: list[Callable[[random.Random], tuple[str, list[str], int]]] = [
-    _shopping, _sharing, _reading, _boxes, _wages, _baking, _times_as_many, _ages, _travel, _discount, _savings,
-]
+def _more(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
+    have, more = r.randint(2, 9), r.randint(2, 9)
+    question = f"{name} has {have} {items}. {he.capitalize()} gets {more} more {items}. How many {items} does {name} have now?"
+    return question, [f"{name} has {have} + {more} = <<{have}+{more}={have + more}>>{have + more} {items} now."], have + more
+
+
+def _fewer(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), friend, (item, items) = r.choice(NAMES), r.choice(FRIENDS), r.choice(ITEMS)
+    have = r.randint(5, 19)
+    give = r.randint(1, have - 1)
+    question = f"{name} has {have} {items}. {he.capitalize()} gives {give} {items} to {friend}. How many {items} does {name} have left?"
+    return question, [f"{name} has {have} - {give} = <<{have}-{give}={have - give}>>{have - give} {items} left."], have - give
+
+
+def _groups(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
+    bags, each = r.randint(2, 5), r.randint(2, 5)
+    question = f"{name} has {bags} bags with {each} {items} in each bag. How many {items} does {name} have?"
+    return question, [f"{name} has {bags} * {each} = <<{bags}*{each}={bags * each}>>{bags * each} {items}."], bags * each
+
+
+def _price(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
+    n, price = r.randint(2, 5), r.randint(2, 5)
+    question = f"{name} buys {n} {items}. Each one costs ${price}. How much does {he} pay?"
+    return question, [f"{he.capitalize()} pays {n} * {price} = $<<{n}*{price}={n * price}>>{n * price}."], n * price
+
+
+def _older(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his) = r.choice(NAMES)
+    age, years = r.randint(3, 12), r.randint(2, 9)
+    question = f"{name} is {age} years old. How old will {he} be in {years} years?"
+    return question, [f"{he.capitalize()} will be {age} + {years} = <<{age}+{years}={age + years}>>{age + years} years old."], age + years
+
+
+Template = Callable[[random.Random], tuple[str, list[str], int]]
+#: Difficulty levels: ``standard`` (two or three steps over numbers up to a few hundred, the
+#: default) and ``easy`` (one step over numbers below 20, what a 135M model can do).
+LEVELS: dict[str, list[Template]] = {
+    "standard": [_shopping, _sharing, _reading, _boxes, _wages, _baking, _times_as_many, _ages, _travel, _discount, _savings],
+    "easy": [_more, _fewer, _groups, _price, _older],
+}
+DEFAULT_LEVEL = "standard"
+TEMPLATES: list[Template] = LEVELS[DEFAULT_LEVEL]
+
+
+def check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"difficulty {level!r}: use one of {', '.join(LEVELS)}")
+    return level
 
 
 def in_test_split(question: str) -> bool:
     return hashlib.sha256(question.encode("utf-8")).digest()[0] % TEST_SHARE == 0
 
 
-def problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` problems of ``split`` ("train" or "test"); the same (split, n, seed) gives the same rows,
-    and a larger ``n`` extends a smaller one. Questions are unique within a split."""
+def problems(split: str, n: int, seed: int = 0, difficulty: str = DEFAULT_LEVEL) -> list[dict[str, Any]]:
+    """``n`` problems of ``split`` ("train" or "test") at ``difficulty`` (a key of ``LEVELS``); the same
+    arguments give the same rows, and a larger ``n`` extends a smaller one. Questions are unique within
+    a split; the splits never share a question (at any level)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n={n!r}: the number of problems must be an integer >= 0")
-    rng = random.Random(f"synthetic-gsm:{seed}:{split}")
+    templates = LEVELS[check_level(difficulty)]
+    tag = "" if difficulty == DEFAULT_LEVEL else f":{difficulty}"  # the standard level's rows stay as they were
+    rng = random.Random(f"synthetic-gsm:{seed}:{split}{tag}")
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     want_test = split == "test"
+    misses = 0
     while len(rows) < n:
-        question, steps, final = TEMPLATES[rng.randrange(len(TEMPLATES))](rng)
+        if misses > 20000:  # the level's templates ran out of distinct questions
+            raise ValueError(f"{n} distinct {split} problems at difficulty {difficulty!r}: the level has only about "
+                             f"{len(rows)}; ask for fewer")
+        question, steps, final = templates[rng.randrange(len(templates))](rng)
         if question in seen or in_test_split(question) != want_test:
+            misses += 1
             continue
+        misses = 0
         seen.add(question)
         answer = "\n".join(steps) + f"\n#### {final}"
         rows.append({"question": question, "answer": answer, "final": final,
@@ -190,21 +249,32 @@ def problems(split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def parse_source(spec: str) -> int | None:
-    """``synthetic-gsm`` or ``synthetic-gsm:N`` -> N train problems; None if ``spec`` is not one."""
+def parse_source(spec: str) -> tuple[int, str] | None:
+    """``synthetic-gsm[:N][:LEVEL]`` -> (N train problems, difficulty level); None if ``spec`` is not one.
+    N defaults to 20000, LEVEL to ``standard``; e.g. ``synthetic-gsm:4000:easy``, ``synthetic-gsm:easy``."""
     if spec != "synthetic-gsm" and not spec.startswith("synthetic-gsm:"):
         return None
-    size = spec.partition(":")[2] or str(DEFAULT_TRAIN_SIZE)
-    if not size.isdigit() or int(size) < 1:
-        raise ValueError(f"--data {spec}: the size after 'synthetic-gsm:' must be a whole number >= 1")
-    return int(size)
+    size, level = DEFAULT_TRAIN_SIZE, DEFAULT_LEVEL
+    parts = [part for part in spec.split(":")[1:] if part]
+    if len(parts) > 2:
+        raise ValueError(f"--data {spec}: write synthetic-gsm[:N][:LEVEL], e.g. synthetic-gsm:4000:easy")
+    for part in parts:
+        if part in LEVELS:
+            level = part
+        elif part.isdigit() and int(part) >= 1:
+            size = int(part)
+        else:
+            raise ValueError(f"--data {spec}: {part!r} after 'synthetic-gsm:' is neither a size (a whole number >= 1) "
+                             f"nor a difficulty ({', '.join(LEVELS)})")
+    return size, level
 
 
-def dataset(train_size: int = DEFAULT_TRAIN_SIZE, test_size: int = DEFAULT_TEST_SIZE, seed: int = 0, **_: Any) -> Any:
+def dataset(train_size: int = DEFAULT_TRAIN_SIZE, test_size: int = DEFAULT_TEST_SIZE, seed: int = 0,
+            difficulty: str = DEFAULT_LEVEL, **_: Any) -> Any:
     """A ``datasets.DatasetDict`` with train and test splits (what the lm-eval task loads)."""
     from datasets import Dataset, DatasetDict
 
     return DatasetDict({
-        "train": Dataset.from_list(problems("train", int(train_size), seed)),
-        "test": Dataset.from_list(problems("test", int(test_size), seed)),
+        "train": Dataset.from_list(problems("train", int(train_size), seed, difficulty)),
+        "test": Dataset.from_list(problems("test", int(test_size), seed, difficulty)),
     })

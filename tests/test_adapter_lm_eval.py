@@ -78,8 +78,10 @@ def test_the_sweep_takes_an_adapter_and_its_recorded_base(adapter_dir, tiny_chec
     (run / "train_config.yaml").write_text(yaml.safe_dump({"model": str(tiny_checkpoints["plain"])}))  # as mtp-train writes it
     out = tmp_path / "sweep"
     proc = sweep(str(run), "--task", "gsm8k", "--limit", "2", "--taus", "0.9", "--static", "none", "--batch-size", "2",
-                 "--dtype", "float32", "--max-gen-toks", "16", "--out", str(out), "--timing-repeats", "0")
+                 "--dtype", "float32", "--max-gen-toks", "16", "--out", str(out), "--timing-repeats", "0",
+                 "--verify-lookup", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = table((out / "report.md").read_text())
-    assert list(rows) == ["hf", "ar", "confadapt-tau0.9"]
+    assert list(rows) == ["hf", "ar", "verify", "confadapt-tau0.9"]
+    assert rows["verify"]["answers = ar"] == "2/2" and rows["verify"]["lossless by contract"] == "yes"
     assert rows["ar"]["answers = hf"] == "2/2" and rows["ar"]["texts = hf"] == "2/2"  # the original model's, exactly

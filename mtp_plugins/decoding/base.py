@@ -82,6 +82,11 @@ class Decoder:
     draft_lookup: ClassVar[int] = 0
     #: Whether ``tau`` changes what this decoder emits (summaries and reports show tau only then).
     uses_tau: ClassVar[bool] = False
+    #: The decoder's output equals greedy ``ar`` decoding of the same checkpoint, by construction (in
+    #: exact arithmetic: in bf16 a wider pass may round differently). ``mtp-sweep``'s report and plot
+    #: mark such points "lossless by contract"; claim it only for a decoder that emits nothing but
+    #: tokens the model's own next-token prediction confirms.
+    lossless: ClassVar[bool] = False
     #: The decoder's own options beyond k and tau: name -> default. A user passes them as
     #: ``generate(..., decoder_options={NAME: VALUE})`` or lm-eval ``--model_args NAME=VALUE``; the
     #: base ``__init__`` refuses names not listed here and stores each option as an attribute.

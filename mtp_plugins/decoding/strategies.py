@@ -11,6 +11,8 @@ from mtp_plugins.decoding.base import Decoder, Proposals
 class AutoRegressive(Decoder):
     """``ar``: one token per pass; no mask slots are fed, so it is ordinary greedy (or sampled) decoding."""
 
+    lossless = True
+
     @property
     def num_proposals(self) -> int:
         return 1
@@ -45,6 +47,7 @@ class Verify(Decoder):
     checkpoint; the speed comes from drafts that verify.
     """
 
+    lossless = True
     feeds_drafts = True
     supports_sampling = False
     adaptive_width = True

@@ -1,11 +1,13 @@
 """``mtp-sweep``: accuracy against speed for one MTP checkpoint on one lm-eval task.
 
 In one process it evaluates the original model through lm-eval's ``hf`` backend and the checkpoint
-through ``mtp`` with ``ar``, ``static`` (k in a list) and ``confadapt`` (tau in a list), on the same
-documents and prompts (the accuracy pass), then times every point on the same prompts, interleaved
-and repeated, at batch 1 and at the accuracy pass's batch size (the timing phase, ``timing.py``), and
-writes ``report.md`` (accuracy +- stderr, Eff. k, tokens/s and speed-ups against ``hf`` with their
-spread, answers and texts equal to ``ar`` / ``hf``) and ``pareto.png`` (``sweep_report.py``).
+through ``mtp`` with ``ar``, ``verify`` (lossless; one point per prompt-lookup n-gram length in a
+list, 0: drafts from the mask slots alone), ``static`` (k in a list) and ``confadapt`` (tau in a
+list), on the same documents and prompts (the accuracy pass), then times every point on the same
+prompts, interleaved and repeated, at batch 1 and at the accuracy pass's batch size (the timing
+phase, ``timing.py``), and writes ``report.md`` (lossless by contract, accuracy +- stderr, Eff. k,
+tokens/s and speed-ups against ``hf`` with their spread, answers and texts equal to ``ar`` / ``hf``)
+and ``pareto.png`` (``sweep_report.py``).
 
 Each finished point is saved as ``points/NAME.json``; a rerun reuses it when its settings AND the
 content of the model files (sha256 of the weights, config and tokenizer of the checkpoint, and of
@@ -42,6 +44,7 @@ from mtp_plugins.lm_eval.sweep_report import agreement, plot, report  # noqa: F4
 
 DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
+DEFAULT_VERIFY_LOOKUP = "0,3"
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
 
@@ -53,11 +56,17 @@ class Point:
     strategy: str | None = None
     k: int | None = None
     tau: float | None = None
+    #: ``verify``: the longest prompt-lookup n-gram drafted besides the mask slots (0: mask drafts only).
+    draft_lookup: int | None = None
 
 
-def plan(taus: list[float], static_ks: list[int], k: int, include_hf: bool = True) -> list[Point]:
+def plan(taus: list[float], static_ks: list[int], k: int, include_hf: bool = True,
+         verify_lookups: list[int] = ()) -> list[Point]:
+    """hf, ar, one verify point per n-gram length (``verify`` for 0, ``verify-lookupN``), static k, confadapt tau."""
     points = [Point("hf", "hf")] if include_hf else []
     points.append(Point("ar", "mtp", "ar", 1, 1.0))
+    points += [Point("verify" if n == 0 else f"verify-lookup{n}", "mtp", "verify", k, 1.0, draft_lookup=n)
+               for n in verify_lookups]
     points += [Point(f"static-k{s}", "mtp", "static", s, 1.0) for s in static_ks]
     points += [Point(f"confadapt-tau{t:g}", "mtp", "confadapt", k, t) for t in taus]
     return points
@@ -211,7 +220,7 @@ class Sweep:
         common = {"pretrained": self._load(point.backend), "tokenizer": self._tokenizer, "batch_size": batch_size}
         if point.backend == "hf":
             return HFLM(**common)
-        return MTPLM(strategy=point.strategy, k=point.k, tau=point.tau, **common)
+        return MTPLM(strategy=point.strategy, k=point.k, tau=point.tau, draft_lookup=point.draft_lookup, **common)
 
     def _manager(self) -> Any:
         if self.task_manager is None:
@@ -308,17 +317,19 @@ class Sweep:
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
-@app.command(help="Evaluate hf, ar, static k and confadapt tau on one lm-eval task, time them interleaved; "
+@app.command(help="Evaluate hf, ar, verify, static k and confadapt tau on one lm-eval task, time them interleaved; "
                   "write report.md and pareto.png.")
 def sweep(
     model: str = typer.Argument(..., help="The MTP checkpoint (a directory or hub id)."),
-    task: str = typer.Option("synthetic_gsm", help="lm-eval task (ours: synthetic_gsm, gsm8k_cot_mtp; or stock gsm8k)."),
+    task: str = typer.Option("synthetic_gsm", help="lm-eval task (ours: synthetic_gsm, synthetic_gsm_easy, gsm8k_cot_mtp; or stock gsm8k)."),
     out: Path = typer.Option(Path("mtp-sweep"), help="Output directory: report.md, pareto.png, points/, timing.json."),
     original: Optional[str] = typer.Option(None, help="The original model for the hf row [default: the run's source model, else MODEL]."),
     limit: Optional[int] = typer.Option(None, help="Documents per point (lm-eval --limit)."),
     taus: str = typer.Option(DEFAULT_TAUS, help="ConfAdapt thresholds, comma-separated."),
     static: str = typer.Option(DEFAULT_STATIC, help="Static k values, comma-separated ('none' for no static points)."),
-    k: Optional[int] = typer.Option(None, help="k for confadapt [default: the checkpoint's k_max, else 8]."),
+    verify_lookup: str = typer.Option(DEFAULT_VERIFY_LOOKUP, help="verify points (lossless): prompt-lookup n-gram lengths, "
+                                      "comma-separated, 0 = drafts from the mask slots alone ('none' for no verify points)."),
+    k: Optional[int] = typer.Option(None, help="k for verify and confadapt [default: the checkpoint's k_max, else 8]."),
     batch_size: int = typer.Option(1, help="Generation batch size of the accuracy pass (also timed)."),
     dtype: str = typer.Option("bfloat16", help="bfloat16 or float32."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
@@ -329,9 +340,10 @@ def sweep(
     timing_prompts: int = typer.Option(8, help="Prompts of the timing phase (the first documents' formatted contexts)."),
     timing_repeats: int = typer.Option(3, help="Interleaved rounds of the timing phase (0: no timing)."),
 ) -> None:
-    tau_values, static_ks = check_numbers(
+    tau_values, static_ks, lookups = check_numbers(
         taus=taus, static=static, k=k, limit=limit, batch_size=batch_size, dtype=dtype, num_fewshot=num_fewshot,
-        max_gen_toks=max_gen_toks, timing_prompts=timing_prompts, timing_repeats=timing_repeats)
+        max_gen_toks=max_gen_toks, timing_prompts=timing_prompts, timing_repeats=timing_repeats,
+        verify_lookup=verify_lookup)
     check_out(out)
     check_device(device)
     k = check_model(model, k, static_ks)
@@ -344,7 +356,7 @@ def sweep(
     runner = Sweep(model, original, task, out, limit=limit, batch_size=batch_size, dtype=dtype, num_fewshot=num_fewshot,
                    max_gen_toks=max_gen_toks, device=device, allow_pickle=allow_pickle, task_manager=manager,
                    timing_prompts=timing_prompts, timing_repeats=timing_repeats)
-    points = plan(tau_values, static_ks, k, include_hf=not skip_hf)
+    points = plan(tau_values, static_ks, k, include_hf=not skip_hf, verify_lookups=lookups)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     records = runner.run(points, say=say)
     timed = runner.timing(points, records, say=say)

@@ -50,13 +50,19 @@ def task_manager() -> Any:
 
 def check_numbers(*, taus: str, static: str, k: int | None, limit: int | None, batch_size: int, dtype: str,
                    num_fewshot: int | None, max_gen_toks: int | None, timing_prompts: int,
-                   timing_repeats: int) -> tuple[list[float], list[int]]:
+                   timing_repeats: int, verify_lookup: str = "0,3") -> tuple[list[float], list[int], list[int]]:
+    """The tau values, the static k values and the verify points' n-gram lengths (``--verify-lookup``,
+    in order, each once), or SweepError naming the first bad value."""
     tau_values = _numbers(taus, float, "--taus")
     if any(not 0 < t <= 1 for t in tau_values):
         raise SweepError(f"--taus {taus!r}: every tau must be in (0, 1]")
     static_ks = _numbers(static, int, "--static", allow_empty=True)
     if any(s < 1 for s in static_ks):
         raise SweepError(f"--static {static!r}: every k must be >= 1")
+    lookups = _numbers(verify_lookup, int, "--verify-lookup", allow_empty=True)
+    if any(n < 0 for n in lookups):
+        raise SweepError(f"--verify-lookup {verify_lookup!r}: every n-gram length must be >= 0 "
+                         "(0: drafts from the mask slots alone)")
     if dtype not in ("bfloat16", "float32", "float16"):
         raise SweepError(f"--dtype {dtype!r}: use bfloat16, float32 or float16")
     at_least = {"--k": (k, 1), "--limit": (limit, 1), "--batch-size": (batch_size, 1), "--num-fewshot": (num_fewshot, 0),
@@ -65,7 +71,7 @@ def check_numbers(*, taus: str, static: str, k: int | None, limit: int | None, b
     for flag, (value, least) in at_least.items():
         if value is not None and value < least:
             raise SweepError(f"{flag} {value}: must be >= {least}" + (" (or left out)" if flag in _OPTIONAL else ""))
-    return tau_values, static_ks
+    return tau_values, static_ks, list(dict.fromkeys(lookups))
 
 
 _OPTIONAL = ("--k", "--limit", "--num-fewshot", "--max-gen-toks")
@@ -127,7 +133,7 @@ def check_task(task: str) -> Any:
         close = difflib.get_close_matches(task, manager.all_subtasks, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         kind = " (a group of tasks; give one task)" if task in manager.all_tasks else ""
-        raise SweepError(f"--task {task!r}: not an lm-eval task{kind}{hint} ours: synthetic_gsm, gsm8k_cot_mtp, "
+        raise SweepError(f"--task {task!r}: not an lm-eval task{kind}{hint} ours: synthetic_gsm, synthetic_gsm_easy, gsm8k_cot_mtp, "
                          "gsm8k_cot_mtp_zeroshot; `lm-eval ls tasks` lists all")
     return manager
 

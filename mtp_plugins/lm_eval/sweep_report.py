@@ -31,6 +31,34 @@ def _count(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> str:
     return "{}/{}".format(*agreement(a[key], b[key])) if a and b else "-"
 
 
+def lossless(record: dict[str, Any]) -> bool:
+    """The point's output is greedy decoding of the same checkpoint by contract: ``hf`` (the original
+    model's own greedy decoding) and points whose registered decoder declares ``lossless``."""
+    point = record["point"]
+    if point["backend"] == "hf":
+        return True
+    from mtp_plugins.registry import PluginError, load_decoder
+
+    try:
+        return bool(load_decoder(point["strategy"]).lossless)
+    except PluginError:  # a plugin decoder no longer installed: no contract to go by
+        return False
+
+
+def short_name(record: dict[str, Any]) -> str:
+    """A point's label in the plot: "original", "ar", "verify", "verify + lookup 3", "k 3", "τ 0.9"."""
+    point = record["point"]
+    if point["backend"] == "hf":
+        return "original"
+    if point["strategy"] == "verify":
+        return f"verify + lookup {point['draft_lookup']}" if point.get("draft_lookup") else "verify"
+    if point["strategy"] == "static":
+        return f"k {point['k']}"
+    if point["strategy"] == "confadapt":
+        return f"τ {point['tau']:g}"
+    return point["name"]
+
+
 def _speed_cells(name: str, timing: dict[str, Any] | None) -> list[str]:
     if not timing:
         return []
@@ -52,7 +80,8 @@ def report(records: list[dict[str, Any]], sweep: Any, command: str, timing: dict
     if timing:
         for batch in timing["batch_sizes"]:
             speed_heads += [f"tokens/s, batch {batch}", f"speed-up vs {timing['reference']}, batch {batch}"]
-    heads = ["point", "accuracy", "Eff. k", *speed_heads, "answers = ar", "answers = hf", "texts = hf"]
+    heads = ["point", "lossless by contract", "accuracy", "Eff. k", *speed_heads, "answers = ar", "answers = hf",
+             "texts = hf"]
     lines = [
         f"# MTP sweep: {sweep.task}",
         "",
@@ -66,7 +95,8 @@ def report(records: list[dict[str, Any]], sweep: Any, command: str, timing: dict
     ]
     for r in records:
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}" if not math.isnan(r["stderr"]) else f"{100 * r['accuracy']:.1f}"
-        cells = [r["point"]["name"], acc, f"{r['eff_k']:.2f}", *_speed_cells(r["point"]["name"], timing),
+        cells = [r["point"]["name"], "yes" if lossless(r) else "no", acc, f"{r['eff_k']:.2f}",
+                 *_speed_cells(r["point"]["name"], timing),
                  _count(r, ar, "answers"), _count(r, hf, "answers"), _count(r, hf, "responses")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_notes(timing)]
@@ -86,6 +116,12 @@ def _notes(timing: dict[str, Any] | None) -> list[str]:
         speed = "Speed: not timed (--timing-repeats 0)."
     return [
         speed,
+        "`lossless by contract`: yes where the output equals greedy `ar` decoding of the same checkpoint by "
+        "construction (`hf`: the original model itself; `ar`, `verify`: only tokens the model's own next-token "
+        "prediction confirms are emitted), in exact arithmetic; in bf16 a wider pass may round differently, which "
+        "the `answers = ar` column counts. `verify` drafts from the mask slots alone, `verify-lookupN` also from "
+        "n-grams (up to N tokens) of the prompt and output. No: the decoder may emit tokens greedy decoding would "
+        "not (faster, may change answers).",
         "Eff. k = tokens emitted / forward passes (1 for `hf` and `ar`). `answers = ar`: final answers (after the "
         "metric's filter) equal to the same checkpoint's `ar` answers; `answers = hf`: equal to the original model's; "
         "`texts = hf`: whole generated texts equal to the original model's.",
@@ -96,17 +132,12 @@ def _prompt_counts(timing: dict[str, Any]) -> str:
     return ", ".join(f"{n} at batch {b}" for b, n in timing["prompts"].items())
 
 
-def _speedups(rows: list[dict[str, Any]], timing: dict[str, Any] | None) -> list[tuple[float, float, float]] | None:
-    """(median, min, max) batch-1 speed-up of each row, or None where the rows were not all timed."""
-    if not timing:
-        return None
-    summary = timing["summary"][str(timing["batch_sizes"][0])]
-    found = [summary.get(r["point"]["name"], {}).get("speedup") for r in rows]
-    return [tuple(f) for f in found] if all(found) else None
-
-
 def plot(records: list[dict[str, Any]], path: Path, timing: dict[str, Any] | None = None) -> bool:
-    """pareto.png; False (and no file) when matplotlib is not installed."""
+    """pareto.png, for someone who has not read the paper; False (and no file) when matplotlib is not installed.
+
+    Left: accuracy against the measured speed-up over the original model at batch 1 (median with
+    min..max over the interleaved rounds). Right: accuracy against Eff. k, with the paper's 8B points.
+    Lossless points are filled, lossy ones hollow; the original model's accuracy is a line on both."""
     try:
         import matplotlib
 
@@ -114,32 +145,36 @@ def plot(records: list[dict[str, Any]], path: Path, timing: dict[str, Any] | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    ar = next((r for r in records if r["point"]["name"] == "ar"), None)
-    fig, (left, right, agree) = plt.subplots(1, 3, figsize=(17, 4.8), constrained_layout=True)
-    styles = {"hf": ("black", "s"), "ar": ("tab:blue", "o"), "static": ("tab:orange", "^"), "confadapt": ("tab:green", "D")}
-    for group, (color, marker) in styles.items():
-        rows = sorted((r for r in records if (r["point"]["strategy"] or "hf") == group), key=lambda r: r["eff_k"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.6), constrained_layout=True)
+    hf = next((r for r in records if r["point"]["name"] == "hf"), None)
+    for axis in (left, right) if timing else (right,):
+        if hf:
+            _original_line(axis, hf)
+    speed = _speedups(records, timing)
+    for lossless_group in (True, False):
+        rows = [r for r in records if lossless(r) == lossless_group]
         if not rows:
             continue
-        line = "-" if len(rows) > 1 else "none"
+        style = _STYLE[lossless_group]
         acc = [100 * r["accuracy"] for r in rows]
         err = [0 if math.isnan(r["stderr"]) else 100 * r["stderr"] for r in rows]
-        effk = [r["eff_k"] for r in rows]
-        left.errorbar(effk, acc, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=f"this run: {group}")
-        speed = _speedups(rows, timing)
-        if speed:
-            order = sorted(range(len(rows)), key=lambda i: speed[i][0])
-            xerr = [[speed[i][0] - speed[i][1] for i in order], [speed[i][2] - speed[i][0] for i in order]]
-            right.errorbar([speed[i][0] for i in order], [acc[i] for i in order], xerr=xerr, yerr=[err[i] for i in order],
-                           color=color, marker=marker, linestyle=line, capsize=3, label=group)
-        if ar and group in ("static", "confadapt"):
-            same = [100 * equal / max(1, shared) for equal, shared in (agreement(r["answers"], ar["answers"]) for r in rows)]
-            agree.plot(effk, same, color=color, marker=marker, linestyle=line, label=group)
-            for i, (r, x, y) in enumerate(zip(rows, effk, same)):
-                label = f"τ {r['point']['tau']:g}" if group == "confadapt" else f"k {r['point']['k']}"
-                agree.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 if i % 2 else -10), fontsize=8, color=color)
-    _decorate(left, right, agree, records, timing)
-    fig.suptitle(f"{records[0]['settings']['task']}: {Path(records[0]['settings']['model']).name}")
+        right.errorbar([r["eff_k"] for r in rows], acc, yerr=err, linestyle="none", capsize=3, **style)
+        _annotate(right, rows, [r["eff_k"] for r in rows], acc, style["color"])
+        timed = [i for i, r in enumerate(rows) if speed and speed.get(r["point"]["name"])]
+        if timed:
+            ups = [speed[rows[i]["point"]["name"]] for i in timed]
+            xerr = [[u[0] - u[1] for u in ups], [u[2] - u[0] for u in ups]]
+            left.errorbar([u[0] for u in ups], [acc[i] for i in timed], xerr=xerr, yerr=[err[i] for i in timed],
+                          linestyle="none", capsize=3, **style)
+            _annotate(left, [rows[i] for i in timed], [u[0] for u in ups], [acc[i] for i in timed], style["color"])
+    for j, (name, pts) in enumerate(PAPER_8B.items()):
+        right.plot([p[1] for p in pts], [p[0] for p in pts], color="gray", marker="o", markerfacecolor="none",
+                   linestyle=":", alpha=0.5, label="the paper: Llama-3.1-8B on GSM8K (for reference)" if j == 0 else None)
+    _decorate(left, right, timing, hf)
+    settings = records[0]["settings"]
+    problems = len(records[0]["answers"])
+    fig.suptitle(f"{settings['task']}: {problems} problems per point; model {Path(settings['model']).name}"
+                 + (f" (original: {Path(settings['original']).name})" if hf else ""))
     try:
         with atomic_writer(path, "wb") as f:
             fig.savefig(f, format="png", dpi=130)
@@ -148,31 +183,58 @@ def plot(records: list[dict[str, Any]], path: Path, timing: dict[str, Any] | Non
     return True
 
 
-def _decorate(left: Any, right: Any, agree: Any, records: list[dict[str, Any]], timing: dict[str, Any] | None) -> None:
-    for name, pts in PAPER_8B.items():
-        marker = {"untouched ar": "s", "MTP ar": "o", "MTP confadapt": "D", "MTP static": "^"}[name]
-        left.plot([p[1] for p in pts], [p[0] for p in pts], color="gray", marker=marker, alpha=0.45, linestyle=":",
-                  markerfacecolor="none", label=f"paper 8B (GSM8K): {name}")
-    left.set_xlabel("Eff. k (tokens per forward pass)")
+_STYLE = {
+    True: {"color": "tab:blue", "marker": "o", "markersize": 8, "label": "lossless (same output as the original)"},
+    False: {"color": "tab:red", "marker": "D", "markersize": 7, "markerfacecolor": "none", "markeredgewidth": 1.5,
+            "label": "lossy (faster, may change answers)"},
+}
+
+
+def _speedups(records: list[dict[str, Any]], timing: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    """point name -> [median, min, max] batch-1 speed-up over the timing reference; None: not timed."""
+    if not timing:
+        return None
+    summary = timing["summary"][str(timing["batch_sizes"][0])]
+    return {r["point"]["name"]: summary.get(r["point"]["name"], {}).get("speedup") for r in records}
+
+
+def _original_line(axis: Any, hf: dict[str, Any]) -> None:
+    acc = 100 * hf["accuracy"]
+    if not math.isnan(hf["stderr"]):
+        axis.axhspan(acc - 100 * hf["stderr"], acc + 100 * hf["stderr"], color="black", alpha=0.07, linewidth=0)
+    axis.axhline(acc, color="black", linewidth=1.0, label=f"original model ({acc:.0f}%)")
+    axis.text(0.99, acc, "original model", transform=axis.get_yaxis_transform(), ha="right", va="bottom", fontsize=8)
+
+
+def _annotate(axis: Any, rows: list[dict[str, Any]], xs: list[float], ys: list[float], color: str) -> None:
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+        axis.annotate(short_name(r), (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -12),
+                      fontsize=8, color=color)
+
+
+def _decorate(left: Any, right: Any, timing: dict[str, Any] | None, hf: dict[str, Any] | None) -> None:
+    reference = timing["reference"] if timing else "hf"
+    over = "the original model" if reference == "hf" else f"`{reference}` (no original-model row)"
+    left.set_title(f"accuracy vs measured speed-up over {over}")
     left.set_ylabel("accuracy (%)")
-    left.set_title("accuracy vs tokens per pass")
     left.grid(alpha=0.3)
-    left.legend(fontsize=7, loc="best")
     if timing:
         batch = timing["batch_sizes"][0]
-        right.set_xlabel(f"speed-up vs {timing['reference']}: tokens/s ratio at batch {batch} (median, min..max)")
-        right.legend(fontsize=8, loc="best")
+        left.set_xlabel(f"speed-up (tokens/s ratio at batch {batch}; bars: min..max over {timing['repeats']} "
+                        "interleaved rounds)")
+        speed = "original speed" if reference == "hf" else f"{reference} speed"
+        left.axvline(1.0, color="gray", linewidth=1.0, linestyle="--", label=speed)
+        left.text(1.0, 0.99, f" {speed} (1x)", transform=left.get_xaxis_transform(), ha="left", va="top", fontsize=8,
+                  color="gray")
+        left.legend(fontsize=8, loc="best")
     else:
-        right.set_xlabel("speed-up: not timed (--timing-repeats 0)")
+        left.set_xlabel("speed-up over the original model")
+        left.text(0.5, 0.5, "not timed\n(--timing-repeats 0)", transform=left.transAxes, ha="center", va="center",
+                  fontsize=14, color="gray")
+        left.set_xticks([])
+        left.set_yticks([])
+    right.set_title("accuracy vs tokens per forward pass")
+    right.set_xlabel("Eff. k: tokens emitted per forward pass (1 = one token at a time)")
     right.set_ylabel("accuracy (%)")
-    right.set_title("accuracy vs measured speed-up (interleaved timings)")
-    right.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
     right.grid(alpha=0.3)
-    agree.set_xlabel("Eff. k (tokens per forward pass)")
-    agree.set_ylabel("final answers equal to ar (%)")
-    agree.set_title("faithfulness to the checkpoint's own greedy answers")
-    agree.set_ylim(-5, 105)
-    agree.axhline(90, color="gray", linewidth=0.8, linestyle="--")
-    agree.grid(alpha=0.3)
-    if any(r["point"]["name"] == "ar" for r in records):
-        agree.legend(fontsize=8, loc="best")
+    right.legend(fontsize=8, loc="best")
