@@ -56,6 +56,10 @@ def test_sweep_on_the_offline_task_writes_report_and_plot_and_resumes(tiny_check
         assert sorted(timing["runs"][batch]) == sorted(names)
         assert all(len(run["seconds"]) == 2 and min(run["tokens"]) > 0 for run in timing["runs"][batch].values())
         assert timing["summary"][batch]["hf"]["speedup"] == [1.0, 1.0, 1.0]
+        # Eff. k of the timed generations themselves: mtp points only; ar and static k=2 are exact
+        assert "eff_k" not in timing["runs"][batch]["hf"] and timing["summary"][batch]["hf"]["eff_k"] is None
+        assert timing["runs"][batch]["ar"]["eff_k"] == [1.0, 1.0]
+        assert all(1.0 < e <= 2.0 for e in timing["runs"][batch]["static-k2"]["eff_k"])
     median, low, high = timing["summary"]["1"]["static-k2"]["tokens_per_second"]
     assert low <= median <= high and f"{median:.1f} ({low:.1f}..{high:.1f})" == rows["static-k2"]["tokens/s, batch 1"]
     assert rows["hf"]["speed-up vs hf, batch 2"] == "1.00x (1.00..1.00)"
@@ -139,7 +143,8 @@ def fake_records() -> list[dict]:
 
 
 def fake_timing(records: list[dict]) -> dict:
-    summary = {str(b): {name: {"tokens_per_second": [10 * up[0], 10 * up[1], 10 * up[2]], "speedup": up}
+    summary = {str(b): {name: {"tokens_per_second": [10 * up[0], 10 * up[1], 10 * up[2]], "speedup": up,
+                               "eff_k": None if name == "hf" else [1.5 + b / 10] * 3}
                         for name, (*_, up) in FAKE.items()} for b in (1, 4)}
     return {"key": {"settings": dict(SETTINGS), "points": [[r["point"], r["weights"]] for r in records]},
             "batch_sizes": [1, 4], "reference": "hf", "prompts": {"1": 8, "4": 8}, "repeats": 3, "summary": summary}
@@ -190,9 +195,11 @@ def test_the_report_says_which_points_are_lossless_by_contract():
     assert {name: row["lossless by contract"] for name, row in rows.items()} == {
         "hf": "yes", "ar": "yes", "verify": "yes", "verify-lookup3": "yes", "static-k2": "no", "confadapt-tau0.9": "no"}
     assert list(rows["verify"]) == [
-        "point", "lossless by contract", "accuracy", "Eff. k", "tokens/s, batch 1", "speed-up vs hf, batch 1",
-        "tokens/s, batch 4", "speed-up vs hf, batch 4", "answers = ar", "answers = hf", "texts = hf"]
-    assert rows["verify"]["accuracy"] == "40.0 ± 5.0" and rows["verify"]["Eff. k"] == "1.91"
+        "point", "lossless by contract", "accuracy", "Eff. k, accuracy pass (batch 4)", "tokens/s, batch 1",
+        "speed-up vs hf, batch 1", "Eff. k, batch 1", "tokens/s, batch 4", "speed-up vs hf, batch 4", "Eff. k, batch 4",
+        "answers = ar", "answers = hf", "texts = hf"]
+    assert rows["verify"]["accuracy"] == "40.0 ± 5.0" and rows["verify"]["Eff. k, accuracy pass (batch 4)"] == "1.91"
+    assert (rows["verify"]["Eff. k, batch 1"], rows["verify"]["Eff. k, batch 4"], rows["hf"]["Eff. k, batch 1"]) == ("1.60", "1.90", "-")
     assert rows["verify"]["speed-up vs hf, batch 1"] == "1.72x (1.61..1.79)"
     assert rows["confadapt-tau0.9"]["answers = ar"] == "8/10" and rows["ar"]["texts = hf"] == "9/10"
     assert ("`lossless by contract`: yes where the output equals greedy `ar` decoding of the same checkpoint by "

@@ -45,6 +45,8 @@ from mtp_plugins.lm_eval.sweep_report import agreement, plot, report  # noqa: F4
 DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
 DEFAULT_VERIFY_LOOKUP = "0,3"
+#: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch.
+TIMING_VERSION = 2
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
 
@@ -290,7 +292,7 @@ class Sweep:
             return None
         batch_sizes = sorted({1, self.batch_size})
         reference = "hf" if any(p.name == "hf" for p in points) else "ar"
-        key = {"settings": self.settings(), "points": [[r["point"], r["weights"]] for r in records],
+        key = {"version": TIMING_VERSION, "settings": self.settings(), "points": [[r["point"], r["weights"]] for r in records],
                "prompts": self.timing_prompts, "repeats": self.timing_repeats, "batch_sizes": batch_sizes}
         path = self.out / "timing.json"
         saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

@@ -68,6 +68,8 @@ def _speed_cells(name: str, timing: dict[str, Any] | None) -> list[str]:
         tps, up = row.get("tokens_per_second"), row.get("speedup")
         cells.append(f"{tps[0]:.1f} ({tps[1]:.1f}..{tps[2]:.1f})" if tps else "-")
         cells.append(f"{up[0]:.2f}x ({up[1]:.2f}..{up[2]:.2f})" if up else "-")
+        eff_k = row.get("eff_k")
+        cells.append(f"{eff_k[0]:.2f}" if eff_k else "-")
     return cells
 
 
@@ -79,8 +81,10 @@ def report(records: list[dict[str, Any]], sweep: Any, command: str, timing: dict
     speed_heads = []
     if timing:
         for batch in timing["batch_sizes"]:
-            speed_heads += [f"tokens/s, batch {batch}", f"speed-up vs {timing['reference']}, batch {batch}"]
-    heads = ["point", "lossless by contract", "accuracy", "Eff. k", *speed_heads, "answers = ar", "answers = hf",
+            speed_heads += [f"tokens/s, batch {batch}", f"speed-up vs {timing['reference']}, batch {batch}",
+                            f"Eff. k, batch {batch}"]
+    heads = ["point", "lossless by contract", "accuracy", f"Eff. k, accuracy pass (batch {sweep.batch_size})", *speed_heads,
+             "answers = ar", "answers = hf",
              "texts = hf"]
     lines = [
         f"# MTP sweep: {sweep.task}",
@@ -122,7 +126,7 @@ def _notes(timing: dict[str, Any] | None) -> list[str]:
         "the `answers = ar` column counts. `verify` drafts from the mask slots alone, `verify-lookupN` also from "
         "n-grams (up to N tokens) of the prompt and output. No: the decoder may emit tokens greedy decoding would "
         "not (faster, may change answers).",
-        "Eff. k = tokens emitted / forward passes (1 for `hf` and `ar`). `answers = ar`: final answers (after the "
+        "Eff. k = tokens emitted / forward passes (1 for `hf` and `ar`), in the accuracy pass and in the timed generations at each batch size (`verify` feeds mask slots by the cost of the batch, so its Eff. k at batch 1 can be higher). `answers = ar`: final answers (after the "
         "metric's filter) equal to the same checkpoint's `ar` answers; `answers = hf`: equal to the original model's; "
         "`texts = hf`: whole generated texts equal to the original model's.",
     ]

@@ -9,7 +9,9 @@ code as the accuracy pass (lm-eval's ``hf`` ``_model_generate``, i.e. transforme
 (batch 1 and the accuracy pass's), round-robin over the points for ``repeats`` rounds (the order
 rotates every round), after one untimed warm-up batch per point.
 
-Per point and batch size it keeps every round's tokens and seconds. The summary is the median
+Per point and batch size it keeps every round's tokens, seconds and, for ``mtp`` points, the Eff. k
+of those very generations (at batch 1 it can differ from the accuracy pass's: ``verify`` feeds
+slots by the batch's cost). The summary is the median
 tokens/s with its min..max over the rounds, and the speed-up against a reference point (``hf``)
 taken round by round (each point against the reference's measurement of the same round, minutes
 apart at most), as median and min..max.
@@ -59,10 +61,14 @@ def _encode_batches(lm: Any, prompts: TimingPrompts, batch_size: int) -> tuple[l
     return batches, {"until": until, "max_gen_toks": max_gen_toks, **kwargs}
 
 
-def _generate(lm: Any, batches: list[tuple[Any, Any]], kwargs: dict[str, Any], count: Callable[[str], int]) -> tuple[int, float]:
-    """(tokens generated, seconds) for all batches through ``lm``'s own ``_model_generate``."""
+def _generate(lm: Any, batches: list[tuple[Any, Any]], kwargs: dict[str, Any],
+              count: Callable[[str], int]) -> tuple[int, float, float | None]:
+    """(tokens generated, seconds, Eff. k) for all batches through ``lm``'s own ``_model_generate``;
+    Eff. k (the engine's tokens per row-pass in these very generations) for ``mtp`` models, else None."""
     from lm_eval.models.utils import postprocess_generated_text
 
+    samples = getattr(lm, "_samples", None)
+    seen = len(samples) if samples is not None else 0
     extra = {k: v for k, v in kwargs.items() if k not in ("until", "max_gen_toks")}
     tokens, seconds = 0, 0.0
     for ids, mask in batches:
@@ -75,14 +81,19 @@ def _generate(lm: Any, batches: list[tuple[Any, Any]], kwargs: dict[str, Any], c
         for row in out[:, ids.shape[1] :].tolist():
             text = postprocess_generated_text(lm.tok_decode(row), kwargs["until"], None)
             tokens += count(text)
-    return tokens, seconds
+    if samples is None:
+        return tokens, seconds, None
+    new = samples[seen:]
+    passes = sum(s.forward_passes for s in new)
+    return tokens, seconds, sum(s.tokens for s in new) / passes if passes else None
 
 
 def time_points(
     lms: dict[str, Any], prompts: TimingPrompts, batch_sizes: list[int], repeats: int, count: Callable[[str], int],
     say: Callable[[str], None] = print,
 ) -> dict[str, dict[str, dict[str, list]]]:
-    """batch size -> point -> {"tokens": [per round], "seconds": [per round], "prompts": N}; ``lms``
+    """batch size -> point -> {"tokens": [per round], "seconds": [per round], and for ``mtp`` points
+    "eff_k": [per round]}; ``lms``
     maps point names to ready lm-eval models (``hf`` or ``mtp``) sharing one tokenizer."""
     names = list(lms)
     results: dict[str, dict[str, dict[str, list]]] = {}
@@ -93,13 +104,15 @@ def time_points(
         with torch.inference_mode():
             for name in names:
                 _generate(lms[name], batches[:1], kwargs, count)
-            runs = {name: {"tokens": [], "seconds": []} for name in names}
+            runs: dict[str, dict[str, list]] = {name: {"tokens": [], "seconds": []} for name in names}
             for round_ in range(repeats):
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    tokens, seconds = _generate(lms[name], batches, kwargs, count)
+                    tokens, seconds, eff_k = _generate(lms[name], batches, kwargs, count)
                     runs[name]["tokens"].append(tokens)
                     runs[name]["seconds"].append(seconds)
+                    if eff_k is not None:
+                        runs[name].setdefault("eff_k", []).append(eff_k)
         results[str(batch_size)] = runs
     return results
 
@@ -123,11 +136,12 @@ def tokens_per_second(run: dict[str, list]) -> list[float]:
 
 
 def summarize(runs: dict[str, dict[str, list]], reference: str | None) -> dict[str, dict[str, Spread | None]]:
-    """point -> {"tokens_per_second": Spread, "speedup": Spread vs ``reference``, round by round}."""
+    """point -> {"tokens_per_second": Spread, "speedup": Spread vs ``reference``, round by round, and
+    "eff_k": Spread of the timed generations' Eff. k (None for ``hf``)}."""
     ref = tokens_per_second(runs[reference]) if reference in runs else None
     out = {}
     for name, run in runs.items():
         speed = tokens_per_second(run)
         ratios = [a / b for a, b in zip(speed, ref) if b > 0] if ref else []
-        out[name] = {"tokens_per_second": _spread(speed), "speedup": _spread(ratios)}
+        out[name] = {"tokens_per_second": _spread(speed), "speedup": _spread(ratios), "eff_k": _spread(run.get("eff_k", []))}
     return out
