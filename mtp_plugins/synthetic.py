@@ -205,7 +205,6 @@ LEVELS: dict[str, list[Template]] = {
     "easy": [_more, _fewer, _groups, _price, _older],
 }
 DEFAULT_LEVEL = "standard"
-TEMPLATES: list[Template] = LEVELS[DEFAULT_LEVEL]
 
 
 def check_level(level: str) -> str:

@@ -261,10 +261,9 @@ def demo(
     model: Optional[Path] = typer.Option(None, help="A local HF model to use instead of the embedded SmolLM2."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the distilled run's checkpoints/ (resume state, about 3x the model) after its export."),
 ) -> None:
+    from mtp_plugins.files import write_atomic
     from mtp_plugins.lm_eval.sweep import fingerprint
     from mtp_plugins.smollm2 import prepare_smollm2
-
-    from mtp_plugins.files import write_atomic
 
     _check_arguments(out, limit, batch_size, max_steps, taus, static, max_gen_toks, timing_prompts, timing_repeats,
                      verify_lookup)

@@ -84,8 +84,7 @@ def report(records: list[dict[str, Any]], sweep: Any, command: str, timing: dict
             speed_heads += [f"tokens/s, batch {batch}", f"speed-up vs {timing['reference']}, batch {batch}",
                             f"Eff. k, batch {batch}"]
     heads = ["point", "lossless by contract", "accuracy", f"Eff. k, accuracy pass (batch {sweep.batch_size})", *speed_heads,
-             "answers = ar", "answers = hf",
-             "texts = hf"]
+             "answers = ar", "answers = hf", "texts = hf"]
     lines = [
         f"# MTP sweep: {sweep.task}",
         "",
