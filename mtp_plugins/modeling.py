@@ -38,9 +38,9 @@ def attention_for(model: Any, attention: torch.Tensor, dtype: torch.dtype) -> to
         return torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill(
             ~attention, torch.finfo(dtype).min
         )
-    if implementation in ("sdpa", "flex_attention") or implementation.startswith("mtp_"):
+    if implementation is None or implementation in ("sdpa", "flex_attention") or implementation.startswith("mtp_"):
         return attention
     raise ValueError(
-        f"training needs a model on 'sdpa' or 'eager' attention (a custom 4D mask), got {implementation!r}; "
-        "load it with attn_implementation='sdpa'"
+        f"training and verify's recovery slots need a model on 'sdpa' or 'eager' attention (a custom 4D mask), "
+        f"got {implementation!r}; load it with attn_implementation='sdpa' (or decode verify with recovery=0)"
     )

@@ -63,6 +63,19 @@ def test_verify_equals_ar_on_random_model(arch, k, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("recovery", [0, 3])
+def test_verify_recovery_groups_equal_ar_on_random_model(arch, recovery, tokenizer):
+    # Random drafts are rejected almost always, so the recovery groups' proposals are used every pass.
+    model = build_model(arch, len(tokenizer), seed=5)
+    add_mask_tokens(model, tokenizer)
+    ids, mask = batch(tokenizer, PROMPTS)
+    ar = generate(model, ids, mask, strategy="ar", max_new_tokens=MAX_NEW)
+    out = generate(model, ids, mask, strategy="verify", k=4, max_new_tokens=MAX_NEW, mask_slots=3,
+                   decoder_options={"recovery": recovery})
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_confadapt_above_one_equals_ar(arch, tokenizer):
     model = build_model(arch, len(tokenizer), seed=1)
     add_mask_tokens(model, tokenizer)

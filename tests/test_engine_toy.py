@@ -106,3 +106,62 @@ def test_finished_rows_leave_the_batch():
     assert batch_sizes[0] == 3 and batch_sizes[-1] < 3
     assert sum(batch_sizes) == out.stats.forward_passes
     assert out.stats.model_calls == len(model.calls)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("wrong_every", [2, 3])
+def test_verify_recovery_groups_keep_output_and_save_passes(k, wrong_every):
+    # Recovery groups (mask slots after the decided token and the first drafts, each seeing only the
+    # block up to its anchor) leave drafts after a rejection: fewer passes, the same tokens.
+    model = ToyMTP(wrong_every=wrong_every)
+    outs = {
+        g: generate(model, PROMPT_IDS, PROMPT_MASK, strategy="verify", k=k, max_new_tokens=MAX_NEW,
+                    mask_slots=k - 1, draft_lookup=0, decoder_options={"recovery": g})
+        for g in (0, 1, k - 1)
+    }
+    for out in outs.values():
+        assert generated(out) == expected_greedy(model)
+    passes = {g: sum(r.forward_passes for r in out.stats.rows) for g, out in outs.items()}
+    assert passes[1] < passes[0]
+    assert passes[k - 1] <= passes[1]
+    # Without recovery a rejected draft leaves the next pass none: some pass after the first emits a
+    # single token with nothing fed to verify. With a group after every fed token that never happens.
+    fed_widths = [call.shape[1] for call in model.calls]
+    assert max(fed_widths) >= 1 + 2 * (k - 1) + (k - 1) * (k - 1)
+
+
+def test_verify_recovery_group_sees_only_its_anchor():
+    # A wrong draft must not leak into the recovery group's slots: the toy raises on inconsistent
+    # positions and predicts from the last real token each slot sees, so a leak changes the drafts.
+    model = ToyMTP(wrong_every=2)
+    plain = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="verify", k=4, max_new_tokens=MAX_NEW, mask_slots=3,
+                     draft_lookup=0, decoder_options={"recovery": 0})
+    recovered = generate(model, PROMPT_IDS, PROMPT_MASK, strategy="verify", k=4, max_new_tokens=MAX_NEW, mask_slots=3,
+                         draft_lookup=0, decoder_options={"recovery": 1})
+    assert generated(recovered) == generated(plain) == expected_greedy(model)
+    assert recovered.stats.eff_k > plain.stats.eff_k
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_verify_recovery_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="recovery must be an int >= 0"):
+        generate(ToyMTP(), PROMPT_IDS, PROMPT_MASK, strategy="verify", k=4, max_new_tokens=4,
+                 decoder_options={"recovery": bad})
+
+
+def test_recovery_layout_anchors_each_group():
+    from mtp_plugins.decoding.engine import _recovery_layout
+
+    # Block: 5 pending columns, 2 mask slots after the drafts, 2 recovery groups of 2.
+    positions = torch.arange(11).expand(2, -1) + torch.tensor([[10], [20]])
+    pos, within = _recovery_layout(positions, torch.tensor([2, 0]), width=5, slots=2, groups=2)
+    # Row 0 has 2 drafts: its decided token is column 2, so group 0 follows column 2, group 1 column 3.
+    assert pos[0].tolist() == [10, 11, 12, 13, 14, 15, 16, 13, 14, 14, 15]
+    assert within[0, 7].nonzero().flatten().tolist() == [0, 1, 2, 7]
+    assert within[0, 8].nonzero().flatten().tolist() == [0, 1, 2, 7, 8]
+    assert within[0, 10].nonzero().flatten().tolist() == [0, 1, 2, 3, 9, 10]
+    # Everything before the groups keeps the causal order (and sees no group).
+    assert torch.equal(within[0, :7, :7], torch.ones(7, 7, dtype=torch.bool).tril())
+    assert not within[0, :7, 7:].any()
+    # Row 1 has no drafts: both groups follow its last column (their proposals go unused).
+    assert pos[1, 7:].tolist() == [25, 26, 25, 26]

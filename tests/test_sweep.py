@@ -45,6 +45,7 @@ def test_sweep_on_the_offline_task_writes_report_and_plot_and_resumes(tiny_check
     assert [rows[n]["lossless by contract"] for n in ("hf", "ar", "static-k2", "confadapt-tau0.9")] == ["yes", "yes", "no", "no"]
     lookup = json.loads((out / "points" / "verify-lookup3.json").read_text())
     assert lookup["point"]["draft_lookup"] == 3 and lookup["mtp"]["strategy"] == "verify"
+    assert lookup["point"]["recovery"] == 1 and lookup["mtp"]["decoder_options"] == {"recovery": 1}  # recorded = used
     static = json.loads((out / "points" / "static-k2.json").read_text())
     assert static["eff_k"] > 1.5 and static["mtp"]["strategy"] == "static" and static["mtp"]["k"] == 2
     assert static["settings"]["task"] == "synthetic_gsm" and len(static["answers"]) == 3
@@ -165,9 +166,24 @@ def test_plan_adds_one_verify_point_per_lookup_after_ar():
 
     points = plan([0.9], [2], 4, verify_lookups=[0, 3])
     assert [p.name for p in points] == ["hf", "ar", "verify", "verify-lookup3", "static-k2", "confadapt-tau0.9"]
-    assert points[2] == Point("verify", "mtp", "verify", 4, 1.0, draft_lookup=0)
-    assert points[3] == Point("verify-lookup3", "mtp", "verify", 4, 1.0, draft_lookup=3)
+    assert points[2] == Point("verify", "mtp", "verify", 4, 1.0, draft_lookup=0, recovery=1)
+    assert points[3] == Point("verify-lookup3", "mtp", "verify", 4, 1.0, draft_lookup=3, recovery=1)
     assert points[1].draft_lookup is None and points[5].draft_lookup is None
+    assert points[1].recovery is None and points[5].recovery is None  # recorded only where used
+
+
+def test_verify_points_record_their_recovery():
+    # The recorded recovery is the one the point's decoder ran with; a saved point with another is not reused.
+    from dataclasses import asdict, replace
+
+    from mtp_plugins.lm_eval.sweep import plan
+    from mtp_plugins.lm_eval.sweep_report import _notes
+
+    verify = plan([], [], 4, include_hf=False, verify_lookups=[0])[1]
+    assert asdict(verify)["recovery"] == 1
+    assert asdict(replace(verify, recovery=0)) != asdict(verify)
+    assert any("1 recovery group(s)" in line for line in _notes(None, [1]))
+    assert not any("recovery" in line for line in _notes(None, [0]))
     assert [p.name for p in plan([0.9], [], 4, include_hf=False)] == ["ar", "confadapt-tau0.9"]  # no lookups: no verify
 
 

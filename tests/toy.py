@@ -68,14 +68,20 @@ class ToyMTP(torch.nn.Module):
         all_tokens, all_positions = cache.update(keys, values, 0)
         tokens = all_tokens[:, 0, : past + width, 0].long().tolist()
         positions = all_positions[:, 0, : past + width, 0].long().tolist()
-        valid = attention_mask.bool().tolist()
+        mask = attention_mask.bool()
+        if mask.dim() == 4:  # a custom mask [B, 1, W, L + W]: what each query sees
+            sees = mask[:, 0].tolist()
+            visible = lambda b, q, i: sees[b][q][i]  # noqa: E731
+        else:  # 2D: the causal order over the valid columns
+            valid = mask.tolist()
+            visible = lambda b, q, i: valid[b][i] and i <= past + q  # noqa: E731
         logits = torch.full((batch, width, self.config.vocab_size), -20.0)
         for b in range(batch):
             for q in range(width):
                 col = past + q
-                if not valid[b][col]:
+                if not visible(b, q, col):
                     continue
-                last = max(i for i in range(col + 1) if valid[b][i] and tokens[b][i] not in self.mask_ids)
+                last = max(i for i in range(col + 1) if visible(b, q, i) and tokens[b][i] not in self.mask_ids)
                 token, position = tokens[b][last], positions[b][last]
                 offset = positions[b][col] - position
                 if offset < 0 or (offset > 0 and tokens[b][col] not in self.mask_ids):

@@ -38,7 +38,7 @@ from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
 from mtp_plugins.decoding.stopping import StopStrings, sample_tokens
 from mtp_plugins.decoding.width import ModelCost, PassCost, WidthPolicy, pass_width
-from mtp_plugins.modeling import forward_kwargs
+from mtp_plugins.modeling import attention_for, forward_kwargs
 from mtp_plugins.registry import load_decoder
 
 
@@ -187,13 +187,12 @@ class _DecodeLoop:
         self.cache_kwarg, self.keep_kwarg = forward_kwargs(model)
         self.kv: DynamicKV | StaticKV
         self.slots = len(mask_ids) if isinstance(slots, str) else min(slots, len(mask_ids))  # unless ``policy`` chooses
+        self.recovery = check_recovery(decoder)
         self.policy = None
         if isinstance(slots, str) and mask_ids:
-            if slots == "timed":
-                cost = PassCost(model, self._forward_at, self.device, pass_width(len(mask_ids), decoder.feeds_drafts))
-            else:
-                cost = ModelCost(self.device)
-            self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost)
+            width = pass_width(len(mask_ids), decoder.feeds_drafts, self.recovery)
+            cost = PassCost(model, self._forward_at, self.device, width) if slots == "timed" else ModelCost(self.device)
+            self.policy = WidthPolicy(len(mask_ids), decoder.feeds_drafts, cost, self.recovery)
         self.slots_per_call: list[int] = []
 
     def run(self, rows: list[_Row], static: bool = False, mode: str | None = None) -> None:
@@ -201,6 +200,7 @@ class _DecodeLoop:
         self.lookup_drafts = any(r.lookup is not None for r in rows)
         self.decoder.start(len(rows), self.device)
         if static:
+            self.recovery = 0  # fixed shapes: no recovery groups
             self.kv = self._static_kv(rows, mode)
         else:
             self.kv = DynamicKV(self.model, len(rows), self._forward_at, self.device)
@@ -239,25 +239,31 @@ class _DecodeLoop:
         # Pending columns of the block (wider where the cache feeds fixed shapes: holes on the left).
         width = self.kv.columns(max(len(r.pending) for r in rows) + n_masks) - n_masks
         max_drafts = max(r.drafts for r in rows)
-        # One host-to-device copy per pass: each row's hole count, first position id, then its tokens.
+        groups = min(self.recovery, max_drafts)  # recovery groups: mask slots after the first fed tokens
+        tail = n_masks * (1 + groups)
+        # One host-to-device copy per pass: each row's hole count, first position id, draft count, then its tokens.
         packed = []
         for r in rows:
             hole = width - len(r.pending)
-            packed.append([hole, r.position - hole] + [self.pad] * hole + r.pending + mask_ids)
+            packed.append([hole, r.position - hole, r.drafts] + [self.pad] * hole + r.pending + mask_ids * (1 + groups))
         dev = self.device
         packed_t = torch.tensor(packed, device=dev)
-        block = packed_t[:, 2:]  # [B, W], W = width + n_masks
+        block = packed_t[:, 3:]  # [B, W], W = width + tail
         columns = torch.arange(block.shape[1], device=dev)
         positions = (packed_t[:, 1:2] + columns).clamp_(min=0)
-        keep = max_drafts + 1 + n_masks  # logits from the oldest last-decided token to the last mask
-        with gate_tail(self.model, n_masks):  # gated adapters act on the mask slots only
-            logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep))
+        within = None
+        if groups:
+            positions, within = _recovery_layout(positions, packed_t[:, 2], width, n_masks, groups)
+        keep = max_drafts + 1 + tail  # logits from the oldest last-decided token to the last mask
+        with gate_tail(self.model, tail):  # gated adapters act on the mask slots only
+            logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep),
+                                     **({"within": within} if groups else {}))
         logits = logits[:, -keep:]  # [B, keep, V]
         if self.never is not None:
             logits.index_fill_(-1, self.never, float("-inf"))
-        self.kv.drop_tail(n_masks)
+        self.kv.drop_tail(tail)
 
-        proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts)
+        proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts, groups)
         chosen = self.decoder.select(proposals)  # [B]
         columns = [chosen.view(-1, 1), verified.view(-1, 1), proposals.valid.view(-1, 1)]
         if self.lookup_drafts and n_masks:
@@ -283,17 +289,21 @@ class _DecodeLoop:
         kwargs = {self.cache_kwarg: cache, "use_cache": True}
         if self.keep_kwarg:
             kwargs[self.keep_kwarg] = keep
+        if attention.dim() == 4:  # a custom mask (recovery groups), in the form the model's attention reads
+            attention = attention_for(self.model, attention, self.model.get_input_embeddings().weight.dtype)
         out = (fn or self.model)(input_ids=block, attention_mask=attention, position_ids=positions, **kwargs)
         return out.logits[:, -keep:]
 
     def _propose(
-        self, logits: torch.Tensor, drafted: torch.Tensor, max_drafts: int
+        self, logits: torch.Tensor, drafted: torch.Tensor, max_drafts: int, groups: int = 0
     ) -> tuple[Proposals, torch.Tensor]:
         """Verify drafts, then build the proposals. Returns them and the verified draft count [B]."""
         rows = self.active
         dev = logits.device
         exact = logits[:, : max_drafts + 1]  # [B, D+1, V]: last decided token, then the drafts
-        mask_logits = logits[:, max_drafts + 1 :]  # [B, k-1, V]
+        B, V = logits.shape[0], logits.shape[-1]
+        n = (logits.shape[1] - max_drafts - 1) // (1 + groups)  # mask slots per group
+        mask_groups = logits[:, max_drafts + 1 :].view(B, 1 + groups, n, V)  # [B, 1+g, n, V]: after the drafts, recovery
         batch = torch.arange(len(rows), device=dev)
         if max_drafts:
             n_drafts = torch.tensor([r.drafts for r in rows], device=dev)
@@ -309,9 +319,14 @@ class _DecodeLoop:
             all_verified = torch.ones(len(rows), dtype=torch.bool, device=dev)
         next_logits = exact[batch, at]  # [B, V]
         first = self.sampler(next_logits) if self.sampler else next_logits.argmax(dim=-1)
+        # Mask proposals made after a rejected draft continue a wrong prefix, unless a recovery group
+        # sits after the token whose logits gave proposal 0 (``verified`` drafts past the decided one).
+        recovered = ~all_verified & (verified < groups)
+        group = torch.where(recovered, 1 + verified.clamp(max=max(groups - 1, 0)), 0)
+        mask_logits = mask_groups[batch, group]  # [B, n, V]
         tokens = torch.cat([first.view(-1, 1), mask_logits.argmax(dim=-1)], dim=1)  # [B, k]
-        # Mask proposals made after a rejected draft continue a wrong prefix: only proposal 0 is valid.
-        valid = torch.where(all_verified, tokens.shape[1], 1)
+        # Otherwise only proposal 0 is valid.
+        valid = torch.where(all_verified | recovered, tokens.shape[1], 1)
         proposals = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits,
                               row_index=[r.index for r in rows])
         return proposals, verified
@@ -431,6 +446,46 @@ def check_mask_slots(mask_slots: int | str, decoder: Decoder) -> int | str:
             f"got {mask_slots!r}"
         )
     return mask_slots
+
+
+def check_recovery(decoder: Decoder) -> int:
+    """The recovery groups a pass of this decoder may feed (its ``recovery`` option; 0 unless it
+    verifies drafts)."""
+    recovery = getattr(decoder, "recovery", 0)
+    if not isinstance(recovery, int) or isinstance(recovery, bool) or recovery < 0:
+        raise ValueError(
+            f"recovery must be an int >= 0 (mask-slot groups after the first fed tokens of a pass; 0: off), got {recovery!r}"
+        )
+    return recovery if decoder.feeds_drafts and decoder.num_proposals > 1 else 0
+
+
+def _recovery_layout(
+    positions: torch.Tensor, drafts: torch.Tensor, width: int, slots: int, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and the block-to-block attention ``[B, W, W]`` of a pass with recovery groups.
+
+    The block is ``[pending (width columns: holes, decided tokens, drafts)] [slots mask slots after
+    the last draft] [groups x slots mask slots]``. Recovery group j is anchored at the j-th token
+    after the last decided one (j = 0: the decided token itself): its slots continue the row from
+    there, exactly as a pass that had fed nothing past the anchor, so when draft j+1 is rejected the
+    next pass still has drafts. Everything else keeps the causal order.
+    """
+    B, W = positions.shape
+    dev = positions.device
+    cols = torch.arange(W, device=dev)
+    start = width + slots  # first column of recovery group 0
+    causal = cols[None, :] <= cols[:, None]  # [W, W]
+    rel = (cols - start).clamp(min=0)
+    in_group = cols >= start  # [W]
+    group, slot = rel // slots, rel % slots + 1  # [W]
+    group_start = start + group * slots
+    anchor = (width - 1 - drafts[:, None] + group[None, :]).clamp(min=0, max=width - 1)  # [B, W] anchor column
+    sees = (cols[None, None, :] <= anchor[:, :, None]) | (
+        (cols[None, None, :] >= group_start[None, :, None]) & causal[None]
+    )  # [B, W, W] for group queries
+    within = torch.where(in_group[None, :, None], sees, causal[None])
+    positions = torch.where(in_group[None, :], positions.gather(1, anchor) + slot[None, :], positions)
+    return positions, within
 
 
 def check_draft_lookup(draft_lookup: int | None, decoder: Decoder) -> int:

@@ -102,9 +102,20 @@ class DynamicKV(_KV):
         layers = getattr(self.cache, "layers", None)
         self.compactable = layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
-    def forward(self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+    def forward(
+        self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int,
+        within: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The pass; ``within`` [B, W, W] (True = may attend) replaces the causal order inside the
+        block (a 4D mask is fed then: the engine's recovery slots see only part of the block)."""
         attention = torch.cat([self.valid, block_valid], dim=1)  # [B, L + W]; holes are False
-        logits = self.call(block, attention, positions, self.cache, keep)
+        mask = attention
+        if within is not None:
+            B, W = block.shape
+            itself = torch.eye(W, dtype=torch.bool, device=block.device)[None]  # no query without a key
+            inner = (within & block_valid[:, None, :]) | itself
+            mask = torch.cat([self.valid[:, None, :].expand(-1, W, -1), inner], dim=2)[:, None]  # [B, 1, W, L + W]
+        logits = self.call(block, mask, positions, self.cache, keep)
         self.valid = attention
         return logits
 

@@ -52,6 +52,10 @@ class Verify(Decoder):
     supports_sampling = False
     adaptive_width = True
     draft_lookup = 3
+    #: ``recovery``: groups of mask slots a pass also feeds after its last decided token (and the
+    #: drafts after it, one group each), so that a rejected draft still leaves the next pass drafts
+    #: to verify (0: off; the dynamic cache only).
+    options = {"recovery": 1}
 
     def select(self, proposals: Proposals) -> torch.Tensor:
         return torch.ones_like(proposals.valid)

@@ -72,10 +72,13 @@ class ModelCost:
         return 1.0 + batch * width / self.knee
 
 
-def pass_width(slots: int, feeds_drafts: bool) -> int:
+def pass_width(slots: int, feeds_drafts: bool, recovery: int = 0) -> int:
     """Query tokens per row of a pass with ``slots`` mask slots: the decided token, as many drafts
-    (strategies that verify drafts), the mask slots."""
-    return 1 + (2 * slots if feeds_drafts else slots)
+    (strategies that verify drafts), the mask slots, and (``recovery`` groups, draft strategies) a
+    group of ``slots`` more after each of the first ``recovery`` fed tokens (see the engine)."""
+    if not feeds_drafts:
+        return 1 + slots
+    return 1 + 2 * slots + min(recovery, slots) * slots
 
 
 class PassCost:
@@ -142,15 +145,16 @@ class WidthPolicy:
     """Chooses the mask slots of each pass from the acceptance seen so far and a cost model
     (``ModelCost``, or the measured ``PassCost``)."""
 
-    def __init__(self, max_slots: int, feeds_drafts: bool, cost: PassCost) -> None:
+    def __init__(self, max_slots: int, feeds_drafts: bool, cost: PassCost, recovery: int = 0) -> None:
         self.max_slots = max_slots
         self.feeds_drafts = feeds_drafts
         self.cost = cost
+        self.recovery = recovery
         self.fed = [0.0] * (max_slots + 1)  # index j: decayed count of rows that had proposal j at stake
         self.hit = [0.0] * (max_slots + 1)  # ... and of those whose proposal j was emitted / verified
 
     def width(self, slots: int) -> int:
-        return pass_width(slots, self.feeds_drafts)
+        return pass_width(slots, self.feeds_drafts, self.recovery)
 
     def choose(self, batch: int) -> int:
         best, best_rate = 0, 1.0 / self.cost(batch, 1)

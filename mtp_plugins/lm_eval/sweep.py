@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import typer
 
+from mtp_plugins.decoding.strategies import Verify
 from mtp_plugins.files import write_atomic
 from mtp_plugins.lm_eval.sweep_args import (
     SweepError,
@@ -60,6 +61,9 @@ class Point:
     tau: float | None = None
     #: ``verify``: the longest prompt-lookup n-gram drafted besides the mask slots (0: mask drafts only).
     draft_lookup: int | None = None
+    #: ``verify``: the recovery groups of mask slots a pass feeds (the decoder's ``recovery`` option,
+    #: recorded as used so that a saved point is reused only with the same value).
+    recovery: int | None = None
 
 
 def plan(taus: list[float], static_ks: list[int], k: int, include_hf: bool = True,
@@ -67,7 +71,8 @@ def plan(taus: list[float], static_ks: list[int], k: int, include_hf: bool = Tru
     """hf, ar, one verify point per n-gram length (``verify`` for 0, ``verify-lookupN``), static k, confadapt tau."""
     points = [Point("hf", "hf")] if include_hf else []
     points.append(Point("ar", "mtp", "ar", 1, 1.0))
-    points += [Point("verify" if n == 0 else f"verify-lookup{n}", "mtp", "verify", k, 1.0, draft_lookup=n)
+    recovery = Verify.options["recovery"]
+    points += [Point("verify" if n == 0 else f"verify-lookup{n}", "mtp", "verify", k, 1.0, draft_lookup=n, recovery=recovery)
                for n in verify_lookups]
     points += [Point(f"static-k{s}", "mtp", "static", s, 1.0) for s in static_ks]
     points += [Point(f"confadapt-tau{t:g}", "mtp", "confadapt", k, t) for t in taus]
@@ -222,7 +227,8 @@ class Sweep:
         common = {"pretrained": self._load(point.backend), "tokenizer": self._tokenizer, "batch_size": batch_size}
         if point.backend == "hf":
             return HFLM(**common)
-        return MTPLM(strategy=point.strategy, k=point.k, tau=point.tau, draft_lookup=point.draft_lookup, **common)
+        options = {} if point.recovery is None else {"recovery": point.recovery}
+        return MTPLM(strategy=point.strategy, k=point.k, tau=point.tau, draft_lookup=point.draft_lookup, **options, **common)
 
     def _manager(self) -> Any:
         if self.task_manager is None:

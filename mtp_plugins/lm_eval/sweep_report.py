@@ -102,11 +102,20 @@ def report(records: list[dict[str, Any]], sweep: Any, command: str, timing: dict
                  *_speed_cells(r["point"]["name"], timing),
                  _count(r, ar, "answers"), _count(r, hf, "answers"), _count(r, hf, "responses")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_notes(timing)]
+    recovery = sorted({r["point"].get("recovery") or 0 for r in records if r["point"].get("strategy") == "verify"})
+    lines += ["", *_notes(timing, recovery)]
     return "\n".join(lines) + "\n"
 
 
-def _notes(timing: dict[str, Any] | None) -> list[str]:
+def _recovery_note(recovery: list[int]) -> str:
+    if not any(recovery):
+        return ""
+    groups = "/".join(str(g) for g in recovery)
+    return (f"; each pass also feeds {groups} recovery group(s) of mask slots after the decided token (and the first "
+            "drafts), so that a rejected draft still leaves the next pass drafts")
+
+
+def _notes(timing: dict[str, Any] | None, recovery: list[int] = ()) -> list[str]:
     if timing:
         speed = (
             "Speed: generated tokens per second of generation time, timed after the accuracy pass on the same prompts "
@@ -123,7 +132,7 @@ def _notes(timing: dict[str, Any] | None) -> list[str]:
         "construction (`hf`: the original model itself; `ar`, `verify`: only tokens the model's own next-token "
         "prediction confirms are emitted), in exact arithmetic; in bf16 a wider pass may round differently, which "
         "the `answers = ar` column counts. `verify` drafts from the mask slots alone, `verify-lookupN` also from "
-        "n-grams (up to N tokens) of the prompt and output. No: the decoder may emit tokens greedy decoding would "
+        "n-grams (up to N tokens) of the prompt and output" + _recovery_note(recovery) + ". No: the decoder may emit tokens greedy decoding would "
         "not (faster, may change answers).",
         "Eff. k = tokens emitted / forward passes (1 for `hf` and `ar`), in the accuracy pass and in the timed generations at each batch size (`verify` feeds mask slots by the cost of the batch, so its Eff. k at batch 1 can be higher). `answers = ar`: final answers (after the "
         "metric's filter) equal to the same checkpoint's `ar` answers; `answers = hf`: equal to the original model's; "
