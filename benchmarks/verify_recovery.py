@@ -1,6 +1,6 @@
 """``verify`` with and without recovery groups at batch 1 on the demo task, against ``ar``.
 
-The synthetic_gsm_easy prompts (4 shots from the train split, test questions), bf16, mask drafts
+The synthetic_gsm_easy prompts (the task's shots from the train split, test questions), bf16, mask drafts
 only (``draft_lookup=0``), one process, the configurations interleaved per prompt with the order
 rotated; the first round warms up and is not counted. Prints (and with --out writes) Eff. k, tokens/s,
 speed-up over ``ar``, ms per pass (prefill included) and outputs equal to ``ar``.
@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from mtp_plugins import generate, synthetic
 from mtp_plugins.checkpoint import load_checkpoint
@@ -25,9 +27,10 @@ parser.add_argument("--rounds", type=int, default=2, help="timed rounds after th
 parser.add_argument("--recovery", default="0,1,3")
 parser.add_argument("--out")
 args = parser.parse_args()
+SHOTS = yaml.safe_load((Path(__file__).parents[1] / "tasks" / "synthetic_gsm_easy.yaml").read_text())["num_fewshot"]
 
 model, tok, spec = load_checkpoint(args.checkpoint, dtype=torch.bfloat16)
-shots = "".join(r["prompt"] + r["completion"] + "\n\n" for r in synthetic.problems("train", 4, difficulty="easy"))
+shots = "".join(r["prompt"] + r["completion"] + "\n\n" for r in synthetic.problems("train", SHOTS, difficulty="easy"))
 prompts = [tok(shots + r["prompt"], return_tensors="pt").input_ids
            for r in synthetic.problems("test", args.prompts, difficulty="easy")]
 configs = [("ar", None)] + [("verify", {"recovery": int(g)}) for g in args.recovery.split(",")]
