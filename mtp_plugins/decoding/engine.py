@@ -8,7 +8,12 @@ Each pass, every active row feeds ``[pending tokens] + [k-1 mask tokens]`` (METH
 - rows are right-aligned in one block, so the mask slots are the last k-1 columns of every row and a
   single ``crop`` drops them from the cache after the pass; a row with fewer pending tokens gets
   holes on the left, kept out by the attention mask, and every token gets an explicit position id;
-- rejected drafts stay in the cache as holes (masked out); finished rows leave the batch.
+- rejected drafts stay in the cache as holes (masked out); finished rows leave the batch;
+- a draft-verifying strategy with ``recovery`` groups (``verify``: 1) also feeds, after those mask
+  slots, k-1 more after the decided token (and after each of the first drafts, one group per
+  anchor), which see the block only up to their anchor (a 4D mask, ``_recovery_layout``): the mask
+  slots after the drafts continue a prefix that a rejected draft makes wrong, the anchor's group
+  does not, so the next pass still has drafts. All of them are dropped from the cache after the pass.
 
 The logits of the last decided token give proposal 0 (the ordinary next token); mask slot j gives
 proposal j. The strategy chooses how many leading proposals each row emits; mask tokens are never

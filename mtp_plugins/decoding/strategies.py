@@ -44,7 +44,8 @@ class Verify(Decoder):
 
     Emits only the exact next token and feeds the mask proposals back as drafts; the engine keeps the
     drafts the model itself would have produced. The output equals greedy ``ar`` decoding of the same
-    checkpoint; the speed comes from drafts that verify.
+    checkpoint; the speed comes from drafts that verify. With ``recovery`` (default 1) each pass also
+    feeds mask slots after its decided token, so a rejected first draft still leaves drafts.
     """
 
     lossless = True
