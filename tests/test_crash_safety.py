@@ -384,3 +384,37 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(moment, tiny_run, tmp_p
     assert log.strip().splitlines()[-1] == ("mtp-train: interrupted during start-up, before the first step; nothing was "
                                             "trained or saved"), log[-3000:]
     assert not out.exists()
+
+
+def test_a_start_up_ctrl_c_that_a_library_swallows_still_stops_before_anything_is_written(tiny_run, tmp_path, monkeypatch,  # noqa: F811
+                                                                                         capsys):
+    """The loading-data Ctrl-C above once ran the whole training: the KeyboardInterrupt was raised
+    inside ``datasets`` and swallowed there. mtp-train's start-up handler records every Ctrl-C, and
+    ``run`` raises it again before the output directory exists."""
+    import train_cli.trainer as trainer_module
+    from train_cli.app import main
+
+    real = trainer_module.load_rows
+
+    def swallowing(config):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here and raises; a careless library catches it
+        except KeyboardInterrupt:
+            pass
+        return real(config)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(trainer_module, "load_rows", swallowing)
+    monkeypatch.setattr(trainer_module, "startup_sigints", [])
+    monkeypatch.setattr(sys, "argv", cli(tiny_run, out, max_steps=3))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mtp-train: interrupted during start-up, before the first step; nothing was trained or saved")
+    assert not out.exists()

@@ -208,9 +208,16 @@ def main() -> None:
         from mtp_plugins.console import run_app
         from mtp_plugins.registry import PluginError
         from train_cli.config import ConfigError
-        from train_cli.trainer import NonFiniteLoss
-    finally:
+        from train_cli.trainer import NonFiniteLoss, startup_sigints
+    except BaseException:
         signal.signal(signal.SIGINT, previous)
+        raise
+
+    def startup(signum: int, frame: object) -> None:  # until the loop installs its own handler
+        startup_sigints.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, startup)
     if interrupted:
         print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(130)

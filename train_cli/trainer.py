@@ -65,6 +65,12 @@ class NonFiniteWeights(NonFiniteLoss):
     """An update left weights that are not finite; they were not written (checkpoint or export)."""
 
 
+#: Ctrl-Cs during start-up, recorded by ``mtp-train``'s handler (which also raises KeyboardInterrupt
+#: at once). A library that swallows the KeyboardInterrupt (seen inside ``datasets`` while it builds a
+#: split) cannot lose one: ``run`` raises it again before the loop starts and anything is written.
+startup_sigints: list[int] = []
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run after ``step``, whose checkpoint is ``checkpoint``."""
 
@@ -509,6 +515,8 @@ class Trainer:
 
     def run(self, resume: bool = False) -> Path:
         self.setup(resume)
+        if startup_sigints:  # a Ctrl-C of the start-up that a library swallowed
+            raise KeyboardInterrupt
         c = self.config
         main = self.dist.is_main
         if main:
