@@ -268,7 +268,8 @@ class _DecodeLoop:
             logits.index_fill_(-1, self.never, float("-inf"))
         self.kv.drop_tail(tail)
 
-        proposals, verified = self._propose(logits, block[:, width - max_drafts : width], max_drafts, groups)
+        drafted = block[:, width - max_drafts : width]
+        proposals, verified = self._propose(logits, drafted, packed_t[:, 2], max_drafts, groups)
         chosen = self.decoder.select(proposals)  # [B]
         columns = [chosen.view(-1, 1), verified.view(-1, 1), proposals.valid.view(-1, 1)]
         if self.lookup_drafts and n_masks:
@@ -300,9 +301,10 @@ class _DecodeLoop:
         return out.logits[:, -keep:]
 
     def _propose(
-        self, logits: torch.Tensor, drafted: torch.Tensor, max_drafts: int, groups: int = 0
+        self, logits: torch.Tensor, drafted: torch.Tensor, n_drafts: torch.Tensor, max_drafts: int, groups: int = 0
     ) -> tuple[Proposals, torch.Tensor]:
-        """Verify drafts, then build the proposals. Returns them and the verified draft count [B]."""
+        """Verify drafts (``n_drafts`` [B]: each row's, on the device), then build the proposals.
+        Returns them and the verified draft count [B]."""
         rows = self.active
         dev = logits.device
         exact = logits[:, : max_drafts + 1]  # [B, D+1, V]: last decided token, then the drafts
@@ -311,7 +313,6 @@ class _DecodeLoop:
         mask_groups = logits[:, max_drafts + 1 :].view(B, 1 + groups, n, V)  # [B, 1+g, n, V]: after the drafts, recovery
         batch = torch.arange(len(rows), device=dev)
         if max_drafts:
-            n_drafts = torch.tensor([r.drafts for r in rows], device=dev)
             greedy = exact.argmax(dim=-1)  # [B, D+1]; column c predicts the token at column c+1
             is_draft = torch.arange(max_drafts, device=dev) >= (max_drafts - n_drafts)[:, None]
             agrees = (drafted == greedy[:, :-1]) | ~is_draft  # [B, D]
