@@ -4,7 +4,9 @@ For a step's horizon k, region r holds ``n_r`` real tokens of the document follo
 slots; the tokens the masks stand for are the first real tokens of region r+1, so the real tokens
 of all regions form one contiguous piece of the document. ``offset`` shortens the first region, which
 shifts the region grid over the document. Every row of a batch shares this geometry; documents
-differ only in length (columns past a document's end are padding, attended by nobody).
+differ only in length (columns past a document's end are padding, attended by nobody). ``context``
+real tokens may come first (few-shot examples, say): ordinary causal columns without mask slots,
+attended by every later column and never supervised; the regions start after them.
 
 - Position ids: a real token keeps its document position; mask slot j of a region gets the position
   of the token it stands for (the region's last real position + j).
@@ -29,16 +31,19 @@ IGNORE = -100
 class LayoutGeometry:
     """Where real tokens and mask slots sit in a row; independent of the documents."""
 
-    seq_len: int
+    seq_len: int  # columns of the regions (the context's come on top)
     regions: int
     k: int
     offset: int = 0
+    context: int = 0  # real tokens before the first region: no mask slots, never supervised
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "regions", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.context, int) or self.context < 0:
+            raise ValueError(f"context must be an int >= 0, got {self.context!r}")
         if self.real_per_region < 1:
             raise ValueError(
                 f"seq_len={self.seq_len} is too short for regions={self.regions} and k={self.k}: each region is "
@@ -63,9 +68,14 @@ class LayoutGeometry:
         return [self.real_per_region - (self.offset if r == 0 else 0) for r in range(self.regions)]
 
     @property
+    def columns(self) -> int:
+        """Columns of a row: the context's and the regions'."""
+        return self.context + self.seq_len
+
+    @property
     def real_tokens(self) -> int:
-        """Document tokens a row shows."""
-        return sum(self.real_counts)
+        """Document tokens a row shows (the context included)."""
+        return self.context + sum(self.real_counts)
 
     @property
     def tokens_needed(self) -> int:
@@ -106,7 +116,7 @@ def build_layout(
     g = geometry
     if len(mask_ids) != g.k - 1:
         raise ValueError(f"need k-1={g.k - 1} mask ids for k={g.k}, got {len(mask_ids)}")
-    S, R, k = g.seq_len, g.regions, g.k
+    S, R, k, C = g.columns, g.regions, g.k, g.context
 
     # Column metadata shared by every row.
     kind = torch.full((S,), 2, dtype=torch.long)  # 0 real, 1 mask, 2 unused
@@ -116,7 +126,8 @@ def build_layout(
     position = torch.zeros(S, dtype=torch.long)
     last_real = torch.zeros(R, dtype=torch.long)  # document index of each region's last real token
     supervised_columns = torch.zeros((R, k), dtype=torch.long)
-    column, start = 0, 0
+    kind[:C], doc_index[:C], position[:C] = 0, torch.arange(C), torch.arange(C)  # the context
+    column, start = C, C
     for r, n in enumerate(g.real_counts):
         cols = torch.arange(column, column + n)
         kind[cols], region[cols], doc_index[cols] = 0, r, torch.arange(start, start + n)
@@ -161,8 +172,9 @@ def build_layout(
     supervised = present.all(dim=2)
 
     next_index = (doc_index + 1).clamp(min=0, max=g.tokens_needed)
-    next_tokens = torch.where(
-        in_doc & (doc_index[None, :] + 1 < lengths[:, None]), padded[:, next_index], torch.full((B, S), IGNORE)
+    next_tokens = torch.where(  # the context is never supervised
+        in_doc & (doc_index[None, :] >= C) & (doc_index[None, :] + 1 < lengths[:, None]), padded[:, next_index],
+        torch.full((B, S), IGNORE),
     )
     return Layout(
         geometry=g,

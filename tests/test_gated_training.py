@@ -17,7 +17,7 @@ from train_cli.gated import NEVER, gated_logits, teacher_full_row
 TOLERANCE = 1e-4  # float32: the passes add the same terms in another order
 
 
-def _setup(tokenizer, arch="llama", k=4, per_slot=False):
+def _setup(tokenizer, arch="llama", k=4, per_slot=False, context=0):
     original = build_model(arch, len(tokenizer), seed=2)
     model = copy.deepcopy(original)
     spec = add_mask_tokens(model, tokenizer, num_tokens=k - 1 if per_slot else 1)
@@ -28,17 +28,21 @@ def _setup(tokenizer, arch="llama", k=4, per_slot=False):
     rows = train_mask_rows(model, spec.mask_token_ids)
     with torch.no_grad():
         rows.add_(torch.randn_like(rows))  # trained mask rows differ from the matrix's
-    geometry = LayoutGeometry(seq_len=40, regions=4, k=k, offset=1)
+    geometry = LayoutGeometry(seq_len=40, regions=4, k=k, offset=1, context=context)
     docs = [tokenizer(t).input_ids for t in CORPUS[:3]]
     docs[1] = docs[1][:17]  # a short document: padding and unsupervised regions
+    shared = tokenizer(CORPUS[3]).input_ids[:context]  # one context before every row (the trainer's)
+    docs = [shared + d for d in docs]
     layout = build_layout(docs, geometry, spec.mask_ids(k - 1), tokenizer.pad_token_id)
     return original, model, spec, layout
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("per_slot", [False, True])
-def test_the_slot_passes_equal_the_whole_row(tokenizer, arch, per_slot):
-    original, model, spec, layout = _setup(tokenizer, arch, per_slot=per_slot)
+@pytest.mark.parametrize(("arch", "per_slot", "context"), [
+    ("llama", False, 0), ("llama", True, 0), ("gpt2", False, 0), ("gpt2", True, 0),
+    ("llama", False, 9), ("gpt2", True, 9),  # a shared context: its keys/values computed once for all rows
+])
+def test_the_slot_passes_equal_the_whole_row(tokenizer, arch, per_slot, context):
+    original, model, spec, layout = _setup(tokenizer, arch, per_slot=per_slot, context=context)
     mask_ids = list(spec.mask_token_ids)
     student, teacher = gated_logits(model, layout, spec.mask_ids(3), list(spec.mask_token_ids), dtype=torch.float32, autocast=False, teacher=True)
     B, R, k, V = student.shape
@@ -63,6 +67,21 @@ def test_the_slot_passes_equal_the_whole_row(tokenizer, arch, per_slot):
                               attention_mask=attention_for(original, layout.attention, torch.float32),
                               position_ids=layout.position_ids).reshape(B, R, k, -1)
     assert torch.allclose(teacher[..., : reference.shape[-1]][ok], reference[ok], atol=TOLERANCE)
+
+
+def test_a_context_that_rows_do_not_share_is_not_shared(tokenizer):
+    # Rows whose leading tokens differ take the plain path (the context's keys/values per row).
+    _, model, spec, layout = _setup(tokenizer, context=9)
+    varied = layout.input_ids.clone()
+    varied[1, 0] = (varied[1, 0] + 1) % 50
+    from dataclasses import replace
+    layout = replace(layout, input_ids=varied)
+    student, _ = gated_logits(model, layout, spec.mask_ids(3), list(spec.mask_token_ids), dtype=torch.float32, autocast=False, teacher=False)
+    whole = logits_at(model, layout.supervised_columns.flatten(), input_ids=layout.input_ids,
+                      attention_mask=attention_for(model, layout.attention, torch.float32),
+                      position_ids=layout.position_ids).reshape(student.shape)
+    ok, keep = layout.supervised, [i for i in range(student.shape[-1]) if i not in spec.mask_token_ids]
+    assert torch.allclose(student[..., keep][ok], whole[..., keep][ok], atol=TOLERANCE)
 
 
 def test_gradients_reach_only_the_adapters_and_mask_rows(tokenizer):

@@ -4,6 +4,7 @@ checkpoint does, resume is exact, every loss trains, and what the mode cannot do
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -118,3 +119,49 @@ def test_gated_rollouts_are_the_original_models_greedy_answers(tiny_run, tmp_pat
                                    pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
         assert line["completion"] == text.split("\n\n")[0].split("Question:")[0].rstrip()
+
+
+def _rows_in(tokenizer, ids):
+    """The data rows (by their "(i)" marker) whose text a context shows."""
+    import re
+
+    return [int(m) for m in re.findall(r"\((\d+)\)", tokenizer.decode(ids))]
+
+
+def test_context_shots_put_training_rows_before_every_document(tiny_run, tmp_path):
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", context_shots=2, **GATED))
+    trainer.setup()
+    context = trainer._step_context()
+    shown = _rows_in(trainer.tokenizer, context)
+    assert len(set(shown)) == 2 and not set(shown) & set(trainer.eval_indices)  # never a held-out row
+    assert trainer._step_context() == context  # a function of the step: a resumed run draws the same
+    trainer.step = 7
+    assert _rows_in(trainer.tokenizer, trainer._step_context()) != shown  # drawn afresh each step
+    assert _rows_in(trainer.tokenizer, trainer.eval_context) == trainer.example_pool[:2]  # validation: fixed
+    layout = trainer._layout(trainer.documents, [0, 1], 3, 0, context)
+    assert (layout.input_ids[:, : len(context)] == torch.tensor(context)).all()
+    assert (layout.supervised_columns >= len(context)).all()
+    # The document after the context is the row's text without the tokenizer's leading special tokens.
+    doc = trainer.documents.tokens([0], 10, special_tokens=False)[0]
+    assert layout.input_ids[0, len(context) : len(context) + 5].tolist() == doc[:5]
+
+
+@pytest.mark.parametrize("trainable", ["gated-lora", "all"])
+def test_a_run_with_context_shots_resumes_to_the_same_weights(trainable, tiny_run, tmp_path):
+    extra = {**GATED, "trainable": trainable, "lr": 1e-3 if trainable == "all" else GATED["lr"], "context_shots": 1}
+    Trainer(settings(tiny_run, tmp_path / "straight", **extra)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=2, **extra)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=4, **extra)).run(resume=True)
+    name = ADAPTER_WEIGHTS if trainable == "gated-lora" else "model.safetensors"
+    a, b = (load_file(str(tmp_path / d / name)) for d in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    metrics = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+@pytest.mark.parametrize(("value", "message"), [(-1, r"--context-shots must be >= 0, got -1"),
+                                                 (60, r"--context-shots 60: only \d+ training rows to draw examples from")])
+def test_bad_context_shots_are_refused(value, message, tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(settings(tiny_run, tmp_path / "out", context_shots=value, **GATED)).setup()
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -70,6 +70,7 @@ class TrainConfig:
     rollouts: int = 0  # >0: train on the teacher's own greedy responses to this many training prompts
     rollout_shots: int = 0  # worked examples (the first training rows) before each rollout prompt
     rollout_max_tokens: int = 160  # longest rollout response
+    context_shots: int = 0  # worked examples (training rows, drawn afresh each step) before every training document: context the mask slots learn in, never supervised, as a few-shot evaluation prompts them
     report_to: str = ""  # opt-in hook plugins to run, comma-separated (wandb, tensorboard, or a plugin's)
 
     def __post_init__(self) -> None:
@@ -146,7 +147,8 @@ def _check_counts(c: TrainConfig) -> None:
             raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(c, name)}")
     if c.max_steps is None and c.max_tokens is None:
         raise ConfigError("give --max-steps or --max-tokens")
-    for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows", "rollouts", "rollout_shots", "max_nonfinite"):
+    for name in ("max_steps", "max_tokens", "warmup_steps", "eval_rows", "rollouts", "rollout_shots", "context_shots",
+                 "max_nonfinite"):
         value = getattr(c, name)
         if value is not None and value < 0:
             raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")

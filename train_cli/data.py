@@ -233,11 +233,13 @@ class Documents:
             return prompt + response
         return f"{prompt}\n\n{response}"
 
-    def tokens(self, indices: list[int], limit: int) -> list[list[int]]:
-        """Token ids of the documents at ``indices`` (at most ``limit`` each); empty rows give []."""
+    def tokens(self, indices: list[int], limit: int, special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of the documents at ``indices`` (at most ``limit`` each); empty rows give [].
+        ``special_tokens=False``: without the tokenizer's leading special tokens (a document that
+        follows a context, which has them)."""
         texts = [self.text(i) for i in indices]
         present = [t for t in texts if t is not None]
-        encoded = iter(self.tokenizer(present, add_special_tokens=True).input_ids if present else [])
+        encoded = iter(self.tokenizer(present, add_special_tokens=special_tokens).input_ids if present else [])
         eos = self.tokenizer.eos_token_id
         out = []
         for t in texts:

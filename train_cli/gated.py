@@ -48,6 +48,12 @@ def slot_attention(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     return (last + slot).expand(B, -1), attention
 
 
+def _shared_context(real: torch.Tensor, present: torch.Tensor, context: int) -> bool:
+    """Whether every row holds the same ``context`` leading real tokens (all of them present)."""
+    head = real[:, :context]
+    return bool(context) and bool(present[:, :context].all()) and bool((head == head[:1]).all())
+
+
 def _pass(model: Any, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: Any,
           dtype: torch.dtype) -> torch.Tensor:
     """Logits at every column of a slot pass over ``cache`` (whose real part is kept afterwards)."""
@@ -74,9 +80,16 @@ def gated_logits(
     with torch.autocast(dev.type, dtype=dtype, enabled=autocast):
         with torch.no_grad(), gate_off(model):
             real = layout.input_ids[:, layout.real_columns]  # [B, N]
+            present = layout.real[:, layout.real_columns]
+            C = g.context if B > 1 and _shared_context(real, present, g.context) else 0
+            if C:  # one context for every row (the trainer's): its keys/values once, repeated for the rows
+                logits_at(model, torch.tensor([C - 1], device=dev), input_ids=real[:1, :C],
+                          position_ids=torch.arange(C, device=dev)[None], use_cache=True, **{cache_kwarg: cache})
+                cache.batch_repeat_interleave(B)
             first = logits_at(
-                model, layout.last_real.to(dev), input_ids=real, attention_mask=layout.real[:, layout.real_columns].long(),
-                position_ids=torch.arange(real.shape[1], device=dev).expand(B, -1), use_cache=True, **{cache_kwarg: cache},
+                model, layout.last_real.to(dev) - C, input_ids=real[:, C:], attention_mask=present.long(),
+                position_ids=torch.arange(C, real.shape[1], device=dev).expand(B, -1), use_cache=True,
+                **{cache_kwarg: cache},
             ).float()  # [B, R, V] offset 1
         slots = torch.tensor(slot_ids, device=dev).repeat(R).expand(B, -1)  # [B, Q]
         with gate_all(model):

@@ -135,6 +135,7 @@ class Trainer:
             self._load_gated(source)
         else:
             self._load_models(source)
+        examples = Documents(train_rows, self.tokenizer, c)  # the data's own rows: --context-shots' examples
         if c.rollouts and c.max_steps != 0:  # nothing is trained at --max-steps 0: no data needed
             train_rows = self._rollouts(train_rows)
         self.documents = Documents(train_rows, self.tokenizer, c)
@@ -154,6 +155,14 @@ class Trainer:
         self.stopping = False  # some rank was interrupted (agreed by all ranks at each step)
         position = self._restore(resume_from, state) if resume_from is not None else DataPosition()
         self.sampler = Sampler(len(train_rows), c.seed, excluded, position)
+        self.examples = examples
+        # Examples are the data's rows, never a held-out one (rollout row i answers data row i +
+        # rollout_shots); validation always shows the first ones.
+        held_rows = {i + c.rollout_shots for i in excluded} if c.rollouts and c.max_steps != 0 else excluded
+        self.example_pool = [i for i in range(len(examples)) if i not in held_rows]
+        if c.context_shots and len(self.example_pool) < c.context_shots:
+            raise ConfigError(f"--context-shots {c.context_shots}: only {len(self.example_pool)} training rows to draw examples from")
+        self.eval_context = self._context(self.example_pool[: c.context_shots])
 
     def _load_models(self, source: str | Path) -> None:
         """Tokenizer and student from ``source`` (the model, or the checkpoint resumed), the frozen
@@ -402,10 +411,32 @@ class Trainer:
             teacher = F.pad(teacher, (0, vocab - teacher.shape[-1]), value=NEVER)
         return teacher[..., :vocab].masked_fill(self.never_predicted(vocab), NEVER)
 
-    def _layout(self, documents: Documents, indices: list[int], k: int, offset: int) -> Layout:
-        geometry = LayoutGeometry(self.config.seq_len, self.config.regions, k, offset)
-        tokens = documents.tokens(indices, geometry.tokens_needed)
-        return build_layout(tokens, geometry, self.spec.mask_ids(k - 1), self.pad_id).to(self.device)
+    def _context(self, examples: list[int]) -> list[int]:
+        """Token ids of the worked examples at ``examples`` as a few-shot prompt shows them (each text
+        followed by a blank line); [] for none."""
+        if not examples:
+            return []
+        text = "".join(self.examples.text(i) + "\n\n" for i in examples)
+        return list(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def _step_context(self) -> list[int]:
+        """This step's ``--context-shots`` examples: distinct training rows drawn from a generator seeded
+        by the seed and the step (so a resumed run draws what the uninterrupted one would have)."""
+        n = self.config.context_shots
+        if not n:
+            return []
+        generator = torch.Generator().manual_seed((_stream(self.config.seed, 4) + self.step) % 2**63)
+        picked = torch.randperm(len(self.example_pool), generator=generator)[:n].tolist()
+        return self._context([self.example_pool[i] for i in picked])
+
+    def _layout(self, documents: Documents, indices: list[int], k: int, offset: int,
+                context: list[int] | None = None) -> Layout:
+        """The step's layout of ``documents[indices]``, each after the ``context`` token ids."""
+        context = context or []
+        geometry = LayoutGeometry(self.config.seq_len, self.config.regions, k, offset, context=len(context))
+        tokens = documents.tokens(indices, geometry.tokens_needed - len(context), special_tokens=not context)
+        rows = [context + t if t else [] for t in tokens]
+        return build_layout(rows, geometry, self.spec.mask_ids(k - 1), self.pad_id).to(self.device)
 
     def train_step(self) -> dict[str, Any]:
         c = self.config
@@ -416,8 +447,9 @@ class Trainer:
         self.student.train()
         rank, world = self.dist.rank, self.dist.world_size
         # One global micro-batch per step of the shared data order; each rank takes its share.
-        layouts = [self._layout(self.documents, self.sampler.take(c.micro_batch_size * world)[rank::world], k, offset)
-                   for _ in range(c.grad_accum)]
+        context = self._step_context()
+        layouts = [self._layout(self.documents, self.sampler.take(c.micro_batch_size * world)[rank::world], k, offset,
+                                context) for _ in range(c.grad_accum)]
         counts = [int(layout.supervised.sum()) * k for layout in layouts]  # supervised positions
         everywhere = distributed.total(sum(counts), self.dist)
         total, tokens = 0.0, 0
@@ -487,7 +519,8 @@ class Trainer:
         self.student.eval()
         losses, agree, counted, emitted, regions = [], torch.zeros(k), 0, 0, 0
         for i in range(0, len(self.eval_indices), c.micro_batch_size):
-            layout = self._layout(self.eval_documents, self.eval_indices[i : i + c.micro_batch_size], k, 0)
+            layout = self._layout(self.eval_documents, self.eval_indices[i : i + c.micro_batch_size], k, 0,
+                                  self.eval_context)
             result = self.forward(layout, train=False)
             mask = result.supervised  # [B, R]
             if not mask.any():
