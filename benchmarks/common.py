@@ -45,6 +45,18 @@ def gsm8k_prompts(directory: Path, n: int, shots: int) -> list[str]:
     return [f"{prefix}Question: {q['question']}\nAnswer:" for q in rows("test")[:n]]
 
 
+def demo_prompts(n: int) -> list[str]:
+    """The first ``n`` test prompts of the demo task (synthetic_gsm_easy), each after the task's number
+    of worked examples (its YAML's ``num_fewshot``; the first train rows, as the benchmarks fix them)."""
+    import yaml
+
+    from mtp_plugins import synthetic
+
+    shots = yaml.safe_load((REPO / "tasks" / "synthetic_gsm_easy.yaml").read_text())["num_fewshot"]
+    prefix = "".join(r["prompt"] + r["completion"] + "\n\n" for r in synthetic.problems("train", shots, difficulty="easy"))
+    return [prefix + r["prompt"] for r in synthetic.problems("test", n, difficulty="easy")]
+
+
 def load_mtp_model(model: str | None, dtype: str):
     """The model under test with a mask token (added in memory if the checkpoint has none)."""
     from mtp_plugins import add_mask_tokens, load_checkpoint

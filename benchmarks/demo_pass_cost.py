@@ -3,18 +3,14 @@ against one decode pass, and a pass's cost by width (median of 8, bf16, this mac
 
     python benchmarks/demo_pass_cost.py mtp-demo/distilled
 """
-import sys, time, statistics, torch, yaml
-from pathlib import Path
+import sys, time, statistics, torch
+from common import demo_prompts
 from mtp_plugins.checkpoint import load_checkpoint
-from mtp_plugins import synthetic
 from transformers import DynamicCache
 p = sys.argv[1]
-SHOTS = yaml.safe_load((Path(__file__).parents[1] / "tasks" / "synthetic_gsm_easy.yaml").read_text())["num_fewshot"]
 model, tok, spec = load_checkpoint(p, dtype=torch.bfloat16)
 model.eval()
-shots = "".join(r["prompt"] + r["completion"] + "\n\n" for r in synthetic.problems("train", SHOTS, difficulty="easy"))
-row = synthetic.problems("test", 1, difficulty="easy")[0]
-ids = tok(shots + row["prompt"], return_tensors="pt").input_ids
+ids = tok(demo_prompts(1)[0], return_tensors="pt").input_ids
 T = ids.shape[1]
 def prefill():
     c = DynamicCache(); t = time.perf_counter()

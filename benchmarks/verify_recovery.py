@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
-import yaml
+from common import demo_prompts
 
-from mtp_plugins import generate, synthetic
+from mtp_plugins import generate
 from mtp_plugins.checkpoint import load_checkpoint
 
 parser = argparse.ArgumentParser()
@@ -27,12 +26,9 @@ parser.add_argument("--rounds", type=int, default=2, help="timed rounds after th
 parser.add_argument("--recovery", default="0,1,3")
 parser.add_argument("--out")
 args = parser.parse_args()
-SHOTS = yaml.safe_load((Path(__file__).parents[1] / "tasks" / "synthetic_gsm_easy.yaml").read_text())["num_fewshot"]
 
 model, tok, spec = load_checkpoint(args.checkpoint, dtype=torch.bfloat16)
-shots = "".join(r["prompt"] + r["completion"] + "\n\n" for r in synthetic.problems("train", SHOTS, difficulty="easy"))
-prompts = [tok(shots + r["prompt"], return_tensors="pt").input_ids
-           for r in synthetic.problems("test", args.prompts, difficulty="easy")]
+prompts = [tok(p, return_tensors="pt").input_ids for p in demo_prompts(args.prompts)]
 configs = [("ar", None)] + [("verify", {"recovery": int(g)}) for g in args.recovery.split(",")]
 totals = [[0, 0, 0.0] for _ in configs]  # tokens, passes, seconds
 texts: list[list[list[int]]] = [[] for _ in configs]

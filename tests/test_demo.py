@@ -58,6 +58,13 @@ def test_demo_runs_every_stage_then_reuses_them(tiny_run, tmp_path):  # noqa: F8
         f"for 4: remove {out / 'distilled'} to redo it with the new settings, or choose another --out")
     assert json.loads((out / "demo_stages.json").read_text()) == stages
 
+    # A recipe whose content changed since (an update of the package) is not reused either.
+    stale = json.loads((out / "demo_stages.json").read_text())
+    stale["distillation"]["settings"]["recipe_sha256"] = "0" * 64
+    (out / "demo_stages.json").write_text(json.dumps(stale))
+    updated = demo(tiny_run / "model", out)
+    assert updated.returncode == 2 and "was made with the recipe's content (sha256) '0000" in updated.stderr
+
 
 def test_demo_names_a_missing_model(tmp_path):
     proc = demo(tmp_path / "nowhere", tmp_path / "out")

@@ -23,6 +23,7 @@ training stage has finished and exported, unless ``--keep-checkpoints``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -45,8 +46,8 @@ TAUS = "0.9,0.8,0.6"
 STATIC = "3"
 VERIFY_LOOKUP = "0,3"
 STAGES_FILE = "demo_stages.json"
-FLAGS = {"recipe": "the recipe", "model": "--model", "model_sha256": "the content of --model (sha256)",
-         "max_steps": "--max-steps"}
+FLAGS = {"recipe": "the recipe", "recipe_sha256": "the recipe's content (sha256)", "model": "--model",
+         "model_sha256": "the content of --model (sha256)", "max_steps": "--max-steps"}
 
 
 class DemoError(RuntimeError):
@@ -281,7 +282,11 @@ def demo(
     print(f"model: {model}", file=sys.stderr)
 
     stages = Stages(out)
-    base = {"recipe": RECIPE, "model": str(model), "model_sha256": fingerprint(str(model))}
+    from train_cli.config import RECIPES
+
+    # The recipe's content too: an updated recipe of the same name is a new stage, not a reused one.
+    recipe_sha256 = hashlib.sha256((RECIPES / f"{RECIPE}.yaml").read_bytes()).hexdigest()
+    base = {"recipe": RECIPE, "recipe_sha256": recipe_sha256, "model": str(model), "model_sha256": fingerprint(str(model))}
     run = out / "distilled"
     train = ["train_cli", "--config", RECIPE, "--model", str(model)]
     _train_stage(stages, "distillation", run, {**base, "max_steps": max_steps},
