@@ -9,6 +9,13 @@ strict replay of ConfAdapt along each greedy answer: an answer counts as kept on
 the replay emits equals greedy's (decoding itself continues after a slip and often still lands on
 the same final answer, so the lm-eval "answers kept" count is higher).
 
+The last columns are the ceiling this base model leaves ConfAdapt at each tau: the same replay with
+ideal slots (always greedy's token, and exactly as confident as the base model itself is when it
+reaches that position, i.e. calibrated), at the checkpoint's k and at k 8. A run of emitted tokens
+needs every one of them confident, proposal 0 (the base model's own next token) included, so where
+the base model's greedy tokens are often below tau, no training of the slots can lift Eff. k much
+above this without emitting tokens the model itself is unsure of.
+
     python benchmarks/slot_calibration.py OLD_ADAPTER NEW_ADAPTER --problems 64 --out benchmarks/results/slot_calibration.md
 """
 from __future__ import annotations
@@ -54,6 +61,16 @@ def replay(confidence: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor,
     return True, passes
 
 
+def ideal_slots(confidence: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replay inputs for ideal calibrated slots: at answer position i, offset j has the base model's
+    own confidence at position i + j (``confidence[:, 0]``: offset 1 is the base model) and is right."""
+    n = confidence.shape[0]
+    base = torch.cat([confidence[:, 0], torch.zeros(k)])
+    at = torch.arange(n)[:, None] + torch.arange(k)[None, :]
+    valid = at < n
+    return base[at], valid, valid
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoints", nargs="+")
@@ -80,12 +97,18 @@ def main() -> None:
             sure = confidence[v, j] >= 0.9
             lines.append(f"| {j + 1} | {correct[v, j].float().mean():.3f} | {sure.float().mean():.3f} | "
                          f"{correct[v, j][sure].float().mean():.3f} |")
-        lines += ["", "| tau | answers replayed exactly | Eff. k of those |", "|---|---|---|"]
+        ks = sorted({spec.k_max, 8})
+        lines += ["", "| tau | answers replayed exactly | Eff. k of those | "
+                  + " | ".join(f"ceiling Eff. k, ideal slots, k {k}" for k in ks) + " |", "|---|---|---|" + "---|" * len(ks)]
         for tau in TAUS:
             results = [replay(*r, tau) for r in rows]
             kept = [(ok, passes, r[0].shape[0]) for (ok, passes), r in zip(results, rows) if ok]
             eff = sum(n for *_, n in kept) / max(sum(p for _, p, _ in kept), 1)
-            lines.append(f"| {tau} | {len(kept)}/{len(rows)} | {eff:.2f} |")
+            ceilings = []
+            for k in ks:
+                passes = sum(replay(*ideal_slots(r[0], k), tau)[1] for r in rows)
+                ceilings.append(f"{sum(r[0].shape[0] for r in rows) / passes:.2f}")
+            lines.append(f"| {tau} | {len(kept)}/{len(rows)} | {eff:.2f} | " + " | ".join(ceilings) + " |")
         lines.append("")
     publish(lines, args.out)
 

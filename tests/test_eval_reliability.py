@@ -247,8 +247,8 @@ class FakeLM:
 
     max_gen_toks, max_length, truncation, eot_token_id = 4, 100, False, 0
 
-    def __init__(self, name: str, cost: float, clock: dict, log: list) -> None:
-        self.name, self.cost, self.clock, self.log = name, cost, clock, log
+    def __init__(self, name: str, cost: float, clock: dict, log: list, slow_after: int = 6) -> None:
+        self.name, self.cost, self.clock, self.log, self.slow_after = name, cost, clock, log, slow_after
         import torch
 
         self.device = torch.device("cpu")
@@ -272,7 +272,7 @@ class FakeLM:
 
         self.log.append(self.name)
         calls = len(self.log)
-        load = 1.0 if calls <= 6 else 3.0  # the machine gets three times slower midway
+        load = 1.0 if calls <= self.slow_after else 3.0  # the machine gets three times slower midway
         self.clock["now"] += self.cost * load
         return torch.cat([context, torch.ones(context.shape[0], max_length - context.shape[1], dtype=torch.long)], dim=1)
 
@@ -299,6 +299,25 @@ def test_timed_speed_ups_are_interleaved_and_survive_a_load_change(monkeypatch):
     # N prompts at batch 1; at a larger batch, enough of the same first prompts to fill it.
     five = timing.TimingPrompts(["a", "b", "c", "d", "e"], {}, count=2)
     assert five.at(1) == ["a", "b"] and five.at(4) == ["a", "b", "c", "d"] and five.at(16) == list("abcde")
+
+
+def test_timing_interleaves_the_points_batch_by_batch_so_a_load_change_inside_a_round_cancels(monkeypatch):
+    from mtp_plugins.lm_eval import timing
+
+    clock, log = {"now": 0.0}, []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    # Two batches at batch 1; the machine slows down 3x after the 4th call, in the middle of round 1.
+    lms = {name: FakeLM(name, cost, clock, log, slow_after=4) for name, cost in (("hf", 2.0), ("fast", 1.0))}
+    prompts = timing.TimingPrompts(["q1", "q2"], {"until": ["\n"], "max_gen_toks": 4})
+    runs = timing.time_points(lms, prompts, [1], repeats=2, count=len, say=lambda line: None)
+    # warm-up, then per round each batch by every point in turn, the order rotated per batch and round
+    assert log == ["hf", "fast", "hf", "fast", "fast", "hf", "fast", "hf", "hf", "fast"]
+    per_point = runs["1"]
+    assert per_point["hf"]["seconds"] == [2.0 + 6.0, 6.0 + 6.0] and per_point["fast"]["seconds"] == [1.0 + 3.0, 3.0 + 3.0]
+    assert per_point["fast"]["tokens"] == [8, 8]
+    # Point after point within the round (hf both batches at load 1, then fast both at load 3), round
+    # 1 would read 0.67x; batch by batch it reads 2x.
+    assert timing.summarize(per_point, "hf")["fast"]["speedup"] == timing.Spread(2.0, 2.0, 2.0)
 
 
 # ------------------------------------------------------------------ mtp-demo

@@ -46,8 +46,9 @@ from mtp_plugins.lm_eval.sweep_report import agreement, plot, report  # noqa: F4
 DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
 DEFAULT_VERIFY_LOOKUP = "0,3"
-#: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch.
-TIMING_VERSION = 2
+#: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch;
+#: 3 interleaves the points batch by batch within a round.
+TIMING_VERSION = 3
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
 
