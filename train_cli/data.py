@@ -233,6 +233,12 @@ class Documents:
             return prompt + response
         return f"{prompt}\n\n{response}"
 
+    def few_shot(self, indices: Any) -> str:
+        """The documents at ``indices`` as a few-shot prompt shows worked examples: each text followed
+        by a blank line (empty rows left out); "" for none."""
+        texts = (self.text(i) for i in indices)
+        return "".join(t + "\n\n" for t in texts if t is not None)
+
     def tokens(self, indices: list[int], limit: int, special_tokens: bool = True) -> list[list[int]]:
         """Token ids of the documents at ``indices`` (at most ``limit`` each); empty rows give [].
         ``special_tokens=False``: without the tokenizer's leading special tokens (a document that

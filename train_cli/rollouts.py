@@ -22,15 +22,10 @@ import torch
 from mtp_plugins.files import write_atomic
 from train_cli.checkpoints import complete_jsonl
 from train_cli.config import ConfigError, TrainConfig
+from train_cli.data import Documents
 
 FILE = "rollouts.jsonl"
 STOPS = ["\n\n", "Question:"]
-
-
-def _shots(rows: Any, config: TrainConfig) -> str:
-    return "".join(
-        f"{rows[i][config.prompt_field]}{rows[i][config.response_field]}\n\n" for i in range(config.rollout_shots)
-    )
 
 
 def rollout_rows(rows: Any, model: Any, tokenizer: Any, config: TrainConfig, batch_size: int = 16) -> list[dict[str, Any]]:
@@ -47,7 +42,7 @@ def rollout_rows(rows: Any, model: Any, tokenizer: Any, config: TrainConfig, bat
     path = Path(config.output_dir) / FILE
     done = complete_jsonl(path)[:wanted]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in done))  # drop a torn tail
-    shots = _shots(rows, config)
+    shots = Documents(rows, tokenizer, config).few_shot(range(first))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

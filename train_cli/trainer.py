@@ -414,10 +414,8 @@ class Trainer:
     def _context(self, examples: list[int]) -> list[int]:
         """Token ids of the worked examples at ``examples`` as a few-shot prompt shows them (each text
         followed by a blank line); [] for none."""
-        if not examples:
-            return []
-        text = "".join(self.examples.text(i) + "\n\n" for i in examples)
-        return list(self.tokenizer(text, add_special_tokens=True).input_ids)
+        text = self.examples.few_shot(examples)
+        return list(self.tokenizer(text, add_special_tokens=True).input_ids) if text else []
 
     def _step_context(self) -> list[int]:
         """This step's ``--context-shots`` examples: distinct training rows drawn from a generator seeded

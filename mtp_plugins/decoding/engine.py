@@ -261,8 +261,7 @@ class _DecodeLoop:
             positions, within = _recovery_layout(positions, packed_t[:, 2], width, n_masks, groups)
         keep = max_drafts + 1 + tail  # logits from the oldest last-decided token to the last mask
         with gate_tail(self.model, tail):  # gated adapters act on the mask slots only
-            logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep),
-                                     **({"within": within} if groups else {}))
+            logits = self.kv.forward(block, columns >= packed_t[:, :1], positions, self.kv.logits_kept(keep), within)
         logits = logits[:, -keep:]  # [B, keep, V]
         if self.never is not None:
             logits.index_fill_(-1, self.never, float("-inf"))

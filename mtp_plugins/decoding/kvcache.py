@@ -187,7 +187,12 @@ class StaticKV(_KV):
     def logits_kept(self, keep: int) -> int:
         return self.keep if self.compiled else keep
 
-    def forward(self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+    def forward(
+        self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int,
+        within: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if within is not None:  # fixed shapes: the engine feeds a static cache no recovery groups
+            raise ValueError("a static cache takes no block mask (within): recovery groups need cache='dynamic'")
         width = block.shape[1]
         if self.length + width > self.capacity:
             self._compact()

@@ -310,6 +310,11 @@ class MTPLM(HFLM):
         summary_table(summary, path, uses_tau=self.uses_tau)
         self._hooks.mtp_generation_finished(summary=summary, samples_path=str(path) if path else None)
 
+    @property
+    def mtp_samples(self) -> list[SampleStats]:
+        """This process's per-request MTP statistics so far, in the order generated (read-only use)."""
+        return self._samples
+
     def mtp_summary(self) -> dict[str, Any]:
         """Aggregate MTP statistics of the generation requests so far (all ranks, on rank 0)."""
         samples = getattr(self, "_all_samples", self._samples)

@@ -68,7 +68,7 @@ def _generate(lm: Any, batch: tuple[Any, Any], kwargs: dict[str, Any],
     ``lm``'s own ``_model_generate``; the last two are 0 for models that are not ``mtp`` (no engine)."""
     from lm_eval.models.utils import postprocess_generated_text
 
-    samples = getattr(lm, "_samples", None)
+    samples = getattr(lm, "mtp_samples", None)  # an ``mtp`` model's per-request engine statistics
     seen = len(samples) if samples is not None else 0
     extra = {k: v for k, v in kwargs.items() if k not in ("until", "max_gen_toks")}
     ids, mask = batch
