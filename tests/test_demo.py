@@ -81,9 +81,9 @@ def test_the_summary_is_built_from_the_saved_points_and_timings(tmp_path):
         "original model: 40% on 10 problems (flexible extract)",
         "distilled model, ar: texts identical to the original on 9/10, answers 10/10",
         "verify (drafts from the mask slots alone): answers identical to ar on 10/10, 1.72x the tokens/s of the "
-        "original at batch 1 (1.6..1.8 over 3 interleaved rounds), Eff. k 1.6 at batch 1 (1.9 in the accuracy pass at batch 4)",
+        "original at batch 1 (1.61..1.79 over 3 interleaved rounds), Eff. k 1.6 at batch 1 (1.9 in the accuracy pass at batch 4)",
         "verify with prompt lookup (n-grams up to 3): answers identical to ar on 10/10, 2.05x the tokens/s of the "
-        "original at batch 1 (1.9..2.2 over 3 interleaved rounds), Eff. k 1.6 at batch 1 (2.3 in the accuracy pass at batch 4)",
+        "original at batch 1 (1.94..2.20 over 3 interleaved rounds), Eff. k 1.6 at batch 1 (2.3 in the accuracy pass at batch 4)",
         "ConfAdapt tau 0.9: 2.10x faster at batch 1, 8/10 answers kept (equal to ar), accuracy 30% (original 40%), "
         "Eff. k 1.6 at batch 1 (2.3 in the accuracy pass at batch 4)",
     ]

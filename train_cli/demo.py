@@ -194,7 +194,7 @@ def _summary(sweep: Path) -> str:
         up = speedup(record)
         if not up:
             return "not timed"
-        return (f"{up[0]:.2f}x the tokens/s of {of_reference} at batch 1 ({up[1]:.1f}..{up[2]:.1f} over "
+        return (f"{up[0]:.2f}x the tokens/s of {of_reference} at batch 1 ({up[1]:.2f}..{up[2]:.2f} over "
                 f"{timing['repeats']} interleaved rounds)")
 
     lines = []
