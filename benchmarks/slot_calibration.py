@@ -107,7 +107,7 @@ def main() -> None:
             ceilings = []
             for k in ks:
                 passes = sum(replay(*ideal_slots(r[0], k), tau)[1] for r in rows)
-                ceilings.append(f"{sum(r[0].shape[0] for r in rows) / passes:.2f}")
+                ceilings.append(f"{confidence.shape[0] / passes:.2f}")  # every answer position, all replayed
             lines.append(f"| {tau} | {len(kept)}/{len(rows)} | {eff:.2f} | " + " | ".join(ceilings) + " |")
         lines.append("")
     publish(lines, args.out)
