@@ -418,3 +418,35 @@ def test_a_start_up_ctrl_c_that_a_library_swallows_still_stops_before_anything_i
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mtp-train: interrupted during start-up, before the first step; nothing was trained or saved")
     assert not out.exists()
+
+
+def test_a_start_up_ctrl_c_raised_inside_a_weakref_callback_prints_no_traceback():
+    """Python cannot propagate an exception out of a weakref callback and prints it as "Exception
+    ignored in ..." with a traceback; a recorded start-up Ctrl-C there stays silent (the trainer stops
+    on the record), anything else still reaches the original hook."""
+    import weakref
+
+    from train_cli.app import quiet_startup_interrupts
+
+    seen: list[type] = []
+    recorded: list[int] = []
+    hook = quiet_startup_interrupts(recorded, lambda unraisable: seen.append(type(unraisable.exc_value)))
+
+    class Thing:
+        pass
+
+    def raise_in_callback(error: BaseException) -> None:
+        previous, sys.unraisablehook = sys.unraisablehook, hook
+        try:
+            thing = Thing()
+            ref = weakref.ref(thing, lambda ref: (_ for _ in ()).throw(error))
+            del thing  # the callback runs here (the ref is alive), its exception goes to sys.unraisablehook
+            assert ref() is None
+        finally:
+            sys.unraisablehook = previous
+
+    raise_in_callback(KeyboardInterrupt())  # not recorded by the start-up handler: reported
+    recorded.append(2)
+    raise_in_callback(KeyboardInterrupt())  # recorded: silent
+    raise_in_callback(ValueError("other"))  # anything else: reported
+    assert seen == [KeyboardInterrupt, ValueError]

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 STARTUP_INTERRUPTED = "mtp-train: interrupted during start-up, before the first step; nothing was trained or saved"
 
@@ -196,6 +196,20 @@ def _interrupted(stop: KeyboardInterrupt, trainer: object, resume: bool) -> None
     sys.exit(130)
 
 
+def quiet_startup_interrupts(recorded: list[int], original: Any) -> Any:
+    """A ``sys.unraisablehook`` that stays silent about a start-up Ctrl-C raised where Python cannot
+    propagate it (inside a weakref callback or ``__del__`` of a library): the handler recorded it
+    in ``recorded`` and the trainer stops on it before writing anything. Everything else goes to
+    ``original``."""
+
+    def hook(unraisable: Any) -> None:
+        if recorded and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        original(unraisable)
+
+    return hook
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2, not a traceback."""
     import signal
@@ -219,6 +233,7 @@ def main() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, startup)
+    sys.unraisablehook = quiet_startup_interrupts(startup_sigints, sys.unraisablehook)
     if interrupted:
         print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(130)
