@@ -12,7 +12,8 @@ to the test split exactly when a hash of its text says so, and the train split s
     True
 
 Two difficulty levels (``LEVELS``): ``standard`` and ``easy`` (one step, numbers below 20: the
-demo's level, which SmolLM2-135M can do). ``mtp-train --data synthetic-gsm[:N][:LEVEL]`` trains on
+demo's level, which SmolLM2-135M can do; its answers first restate the question's facts, one per
+line, then take the step, as GSM8K's worked answers often do). ``mtp-train --data synthetic-gsm[:N][:LEVEL]`` trains on
 N train problems of that level (default 20000, standard; fields
 ``question`` and ``answer``, and ``prompt``/``completion`` laid out exactly as the task prompts:
 ``Question: ...\nAnswer:`` then `` answer``, for ``--template completion``); the lm-eval tasks
@@ -38,6 +39,7 @@ NAMES = [
     ("Hana", "she", "her"), ("Tom", "he", "his"), ("Grace", "she", "her"), ("Felix", "he", "his"),
 ]
 FRIENDS = ["Ben", "Chloe", "Sam", "Nina", "Leo", "Ivy", "Max", "Ruby"]
+PLANTS = ["roses", "tulips", "carrots", "tomatoes", "beans", "sunflowers"]
 ITEMS = [("pencil", "pencils"), ("notebook", "notebooks"), ("apple", "apples"), ("sticker", "stickers"),
          ("marble", "marbles"), ("cupcake", "cupcakes"), ("card", "cards"), ("balloon", "balloons")]
 
@@ -161,48 +163,57 @@ def _savings(r: random.Random) -> tuple[str, list[str], int]:
     return question, steps, total - spent
 
 
-def _more(r: random.Random) -> tuple[str, list[str], int]:
-    (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
-    have, more = r.randint(2, 9), r.randint(2, 9)
-    question = f"{name} has {have} {items}. {he.capitalize()} gets {more} more {items}. How many {items} does {name} have now?"
-    return question, [f"{name} has {have} + {more} = <<{have}+{more}={have + more}>>{have + more} {items} now."], have + more
-
-
-def _fewer(r: random.Random) -> tuple[str, list[str], int]:
-    (name, he, his), friend, (item, items) = r.choice(NAMES), r.choice(FRIENDS), r.choice(ITEMS)
-    have = r.randint(5, 19)
-    give = r.randint(1, have - 1)
-    question = f"{name} has {have} {items}. {he.capitalize()} gives {give} {items} to {friend}. How many {items} does {name} have left?"
-    return question, [f"{name} has {have} - {give} = <<{have}-{give}={have - give}>>{have - give} {items} left."], have - give
-
-
 def _groups(r: random.Random) -> tuple[str, list[str], int]:
     (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
     bags, each = r.randint(2, 5), r.randint(2, 5)
     question = f"{name} has {bags} bags with {each} {items} in each bag. How many {items} does {name} have?"
-    return question, [f"{name} has {bags} * {each} = <<{bags}*{each}={bags * each}>>{bags * each} {items}."], bags * each
+    steps = [f"{name} has {bags} bags.", f"Each bag has {each} {items}.",
+             f"So {name} has {bags} * {each} = <<{bags}*{each}={bags * each}>>{bags * each} {items}."]
+    return question, steps, bags * each
 
 
 def _price(r: random.Random) -> tuple[str, list[str], int]:
     (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
     n, price = r.randint(2, 5), r.randint(2, 5)
     question = f"{name} buys {n} {items}. Each one costs ${price}. How much does {he} pay?"
-    return question, [f"{he.capitalize()} pays {n} * {price} = $<<{n}*{price}={n * price}>>{n * price}."], n * price
+    steps = [f"{name} buys {n} {items}.", f"Each one costs ${price}.",
+             f"So {he} pays {n} * {price} = $<<{n}*{price}={n * price}>>{n * price}."]
+    return question, steps, n * price
 
 
-def _older(r: random.Random) -> tuple[str, list[str], int]:
-    (name, he, his) = r.choice(NAMES)
-    age, years = r.randint(3, 12), r.randint(2, 9)
-    question = f"{name} is {age} years old. How old will {he} be in {years} years?"
-    return question, [f"{he.capitalize()} will be {age} + {years} = <<{age}+{years}={age + years}>>{age + years} years old."], age + years
+def _rows(r: random.Random) -> tuple[str, list[str], int]:
+    plant, rows, each = r.choice(PLANTS), r.randint(2, 5), r.randint(2, 5)
+    name, he, his = r.choice(NAMES)
+    question = f"{name}'s garden has {rows} rows with {each} {plant} in each row. How many {plant} are in the garden?"
+    steps = [f"The garden has {rows} rows.", f"Each row has {each} {plant}.",
+             f"So the garden has {rows} * {each} = <<{rows}*{each}={rows * each}>>{rows * each} {plant}."]
+    return question, steps, rows * each
+
+
+def _pages(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), pages, days = r.choice(NAMES), r.randint(2, 5), r.randint(2, 5)
+    question = f"{name} reads {pages} pages every day. How many pages does {he} read in {days} days?"
+    steps = [f"{name} reads {pages} pages every day.", f"{he.capitalize()} reads for {days} days.",
+             f"So {he} reads {pages} * {days} = <<{pages}*{days}={pages * days}>>{pages * days} pages."]
+    return question, steps, pages * days
+
+
+def _packs(r: random.Random) -> tuple[str, list[str], int]:
+    (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
+    packs, each = r.randint(2, 5), r.randint(2, 5)
+    question = f"{name} buys {packs} packs of {items}. Each pack has {each} {items}. How many {items} does {he} buy?"
+    steps = [f"{name} buys {packs} packs.", f"Each pack has {each} {items}.",
+             f"So {he} buys {packs} * {each} = <<{packs}*{each}={packs * each}>>{packs * each} {items}."]
+    return question, steps, packs * each
 
 
 Template = Callable[[random.Random], tuple[str, list[str], int]]
 #: Difficulty levels: ``standard`` (two or three steps over numbers up to a few hundred, the
-#: default) and ``easy`` (one step over numbers below 20, what a 135M model can do).
+#: default) and ``easy`` (the facts restated, then one step over numbers below 20: what a 135M model
+#: can do, and an answer it is sure of for most of its tokens).
 LEVELS: dict[str, list[Template]] = {
     "standard": [_shopping, _sharing, _reading, _boxes, _wages, _baking, _times_as_many, _ages, _travel, _discount, _savings],
-    "easy": [_more, _fewer, _groups, _price, _older],
+    "easy": [_groups, _price, _rows, _pages, _packs],
 }
 DEFAULT_LEVEL = "standard"
 

@@ -62,11 +62,13 @@ def test_easy_level_is_one_step_small_numbers_and_disjoint():
     test = synthetic.problems("test", 500, difficulty="easy")
     assert not {r["question"] for r in train} & {r["question"] for r in test}
     for row in train[:300] + test[:100]:
-        lines = row["answer"].splitlines()
-        assert len(lines) == 2 and lines[1] == f"#### {row['final']}"
+        *facts, step, final = row["answer"].splitlines()
+        assert final == f"#### {row['final']}" and len(facts) == 2  # the two facts restated, then one step
         numbers = [int(n) for n in re.findall(r"\d+", row["question"])]
         assert numbers and max(numbers) < 20
-        expression = re.search(r"<<(.+)=(\d+)>>", lines[0])
+        assert all("<<" not in fact and re.findall(r"\d+", fact) and
+                   set(re.findall(r"\d+", fact)) <= set(re.findall(r"\d+", row["question"])) for fact in facts)
+        expression = re.search(r"<<(.+)=(\d+)>>", step)
         assert eval(expression.group(1)) == int(expression.group(2)) == row["final"]  # noqa: S307 (our own arithmetic)
     assert synthetic.problems("train", 50) == synthetic.problems("train", 50, difficulty="standard")  # the default level is unchanged
     assert synthetic.problems("train", 50, difficulty="easy")[0] != synthetic.problems("train", 50)[0]

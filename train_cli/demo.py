@@ -36,9 +36,9 @@ import typer
 
 #: A gated adapter (lossless: the next-token path is the original's) on the easy synthetic level.
 RECIPE = "smollm2-demo"
-#: The easy level of the synthetic problems: the original SmolLM2-135M scores about 40% on it.
+#: The easy level of the synthetic problems: the original SmolLM2-135M scores about 88% on it.
 TASK = "synthetic_gsm_easy"
-#: Problems per point: the accuracy's stderr is below 5 points (about 4.3 at 40%).
+#: Problems per point: the accuracy's stderr is below 5 points (about 2.9 at 88%, 4.4 at 50%).
 LIMIT = 128
 #: The sweep's points (mtp-sweep's --taus, --static, --verify-lookup), the demo's option defaults;
 #: few enough that set-up, training and the sweep fit in about 25 minutes on 2 CPU cores.
