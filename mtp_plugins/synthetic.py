@@ -11,9 +11,9 @@ to the test split exactly when a hash of its text says so, and the train split s
     >>> rows[0]["answer"].splitlines()[-1].startswith("#### ")
     True
 
-Two difficulty levels (``LEVELS``): ``standard`` and ``easy`` (one step, numbers below 20: the
-demo's level, which SmolLM2-135M can do; its answers first restate the question's facts, one per
-line, then take the step, as GSM8K's worked answers often do). ``mtp-train --data synthetic-gsm[:N][:LEVEL]`` trains on
+Two difficulty levels (``LEVELS``): ``standard`` and ``easy`` (one product of numbers 2..5: the
+demo's level, which SmolLM2-135M can do; its answers first restate the question's two facts, one
+per line, then take the step, as GSM8K's worked answers often do). ``mtp-train --data synthetic-gsm[:N][:LEVEL]`` trains on
 N train problems of that level (default 20000, standard; fields
 ``question`` and ``answer``, and ``prompt``/``completion`` laid out exactly as the task prompts:
 ``Question: ...\nAnswer:`` then `` answer``, for ``--template completion``); the lm-eval tasks
@@ -163,12 +163,17 @@ def _savings(r: random.Random) -> tuple[str, list[str], int]:
     return question, steps, total - spent
 
 
+def _product(a: int, b: int, unit: str = "") -> str:
+    """The easy level's one step: ``a * b = <<a*b=c>>c`` (``unit`` before the result: "$")."""
+    return f"{a} * {b} = {unit}<<{a}*{b}={a * b}>>{a * b}"
+
+
 def _groups(r: random.Random) -> tuple[str, list[str], int]:
     (name, he, his), (item, items) = r.choice(NAMES), r.choice(ITEMS)
     bags, each = r.randint(2, 5), r.randint(2, 5)
     question = f"{name} has {bags} bags with {each} {items} in each bag. How many {items} does {name} have?"
     steps = [f"{name} has {bags} bags.", f"Each bag has {each} {items}.",
-             f"So {name} has {bags} * {each} = <<{bags}*{each}={bags * each}>>{bags * each} {items}."]
+             f"So {name} has {_product(bags, each)} {items}."]
     return question, steps, bags * each
 
 
@@ -177,7 +182,7 @@ def _price(r: random.Random) -> tuple[str, list[str], int]:
     n, price = r.randint(2, 5), r.randint(2, 5)
     question = f"{name} buys {n} {items}. Each one costs ${price}. How much does {he} pay?"
     steps = [f"{name} buys {n} {items}.", f"Each one costs ${price}.",
-             f"So {he} pays {n} * {price} = $<<{n}*{price}={n * price}>>{n * price}."]
+             f"So {he} pays {_product(n, price, '$')}."]
     return question, steps, n * price
 
 
@@ -186,7 +191,7 @@ def _rows(r: random.Random) -> tuple[str, list[str], int]:
     name, he, his = r.choice(NAMES)
     question = f"{name}'s garden has {rows} rows with {each} {plant} in each row. How many {plant} are in the garden?"
     steps = [f"The garden has {rows} rows.", f"Each row has {each} {plant}.",
-             f"So the garden has {rows} * {each} = <<{rows}*{each}={rows * each}>>{rows * each} {plant}."]
+             f"So the garden has {_product(rows, each)} {plant}."]
     return question, steps, rows * each
 
 
@@ -194,7 +199,7 @@ def _pages(r: random.Random) -> tuple[str, list[str], int]:
     (name, he, his), pages, days = r.choice(NAMES), r.randint(2, 5), r.randint(2, 5)
     question = f"{name} reads {pages} pages every day. How many pages does {he} read in {days} days?"
     steps = [f"{name} reads {pages} pages every day.", f"{he.capitalize()} reads for {days} days.",
-             f"So {he} reads {pages} * {days} = <<{pages}*{days}={pages * days}>>{pages * days} pages."]
+             f"So {he} reads {_product(pages, days)} pages."]
     return question, steps, pages * days
 
 
@@ -203,14 +208,14 @@ def _packs(r: random.Random) -> tuple[str, list[str], int]:
     packs, each = r.randint(2, 5), r.randint(2, 5)
     question = f"{name} buys {packs} packs of {items}. Each pack has {each} {items}. How many {items} does {he} buy?"
     steps = [f"{name} buys {packs} packs.", f"Each pack has {each} {items}.",
-             f"So {he} buys {packs} * {each} = <<{packs}*{each}={packs * each}>>{packs * each} {items}."]
+             f"So {he} buys {_product(packs, each)} {items}."]
     return question, steps, packs * each
 
 
 Template = Callable[[random.Random], tuple[str, list[str], int]]
 #: Difficulty levels: ``standard`` (two or three steps over numbers up to a few hundred, the
-#: default) and ``easy`` (the facts restated, then one step over numbers below 20: what a 135M model
-#: can do, and an answer it is sure of for most of its tokens).
+#: default) and ``easy`` (the question's two facts restated, then one product of numbers 2..5: what a
+#: 135M model can do, and an answer it is sure of for most of its tokens).
 LEVELS: dict[str, list[Template]] = {
     "standard": [_shopping, _sharing, _reading, _boxes, _wages, _baking, _times_as_many, _ages, _travel, _discount, _savings],
     "easy": [_groups, _price, _rows, _pages, _packs],
