@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtp_plugins.allocator import tune_malloc
 from mtp_plugins.files import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +30,9 @@ LLAMA_3_2_1B = dict(
 )
 TINY = dict(LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
+
+# The benchmarks run under the allocator our commands use (mtp_plugins/allocator.py); the machine line says which.
+MALLOC = tune_malloc()
 
 
 def gsm8k_prompts(directory: Path, n: int, shots: int) -> list[str]:
@@ -84,7 +88,7 @@ def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
     return (
         f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), python {platform.python_version()}"
+        f"({torch.get_num_threads()} threads), python {platform.python_version()}; {MALLOC.describe()}"
     )
 
 

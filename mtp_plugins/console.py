@@ -1,4 +1,4 @@
-"""The shared console-script wrapper of our Typer commands (``mtp-train``, ``mtp-sweep``)."""
+"""The shared console-script wrapper of our Typer commands (``mtp-train``, ``mtp-sweep``, ``mtp-demo``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from typing import Any
 
 def run_app(app: Any, program: str, user_errors: tuple[type[BaseException], ...], interrupted: str = "interrupted") -> None:
     """Run ``app``; a user error becomes one line ``PROGRAM: error: ...`` and exit status 2 (no
-    traceback), click's usage errors keep their own message and status, Ctrl-C exits 130."""
+    traceback), click's usage errors keep their own message and status, Ctrl-C exits 130. The
+    process's allocator is tuned first (``allocator.py``; ``MTP_PLUGINS_MALLOC=0`` to keep glibc's)."""
     import click
     import typer
+
+    from mtp_plugins.allocator import tune_malloc
+
+    tune_malloc()
 
     # Typer >= 0.24 vendors click: its usage errors derive from its own copy of ClickException.
     usage_errors = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})

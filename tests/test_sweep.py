@@ -4,6 +4,8 @@ offline task and on the stock gsm8k task (seeded offline cache)."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,9 @@ import pytest
 MTP_SWEEP = str(Path(sys.executable).with_name("mtp-sweep"))
 
 
-def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([MTP_SWEEP, *args], capture_output=True, text=True, timeout=900)
+def sweep(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = None if env is None else {**os.environ, **env}
+    return subprocess.run([MTP_SWEEP, *args], capture_output=True, text=True, timeout=900, env=environment)
 
 
 def table(report: str) -> dict[str, dict[str, str]]:
@@ -64,6 +67,10 @@ def test_sweep_on_the_offline_task_writes_report_and_plot_and_resumes(tiny_check
     median, low, high = timing["summary"]["1"]["static-k2"]["tokens_per_second"]
     assert low <= median <= high and f"{median:.1f} ({low:.1f}..{high:.1f})" == rows["static-k2"]["tokens/s, batch 1"]
     assert rows["hf"]["speed-up vs hf, batch 2"] == "1.00x (1.00..1.00)"
+    # The allocator the timings ran under (mtp-sweep tunes glibc malloc at start) is recorded and reported.
+    if platform.libc_ver()[0] == "glibc":
+        assert timing["key"]["malloc"] == {"state": "tuned", "mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
+        assert timing["malloc"] in (out / "report.md").read_text() and timing["malloc"].startswith("glibc malloc tuned")
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert f"report: {out / 'report.md'}" in first.stdout
@@ -78,6 +85,12 @@ def test_sweep_on_the_offline_task_writes_report_and_plot_and_resumes(tiny_check
     assert more.returncode == 0 and more.stderr.count("done before, reused") == 6
     assert "confadapt-tau0.5" in table((out / "report.md").read_text())
     assert "timing at batch 1" in more.stderr  # another set of points: timed again, all together
+
+    # The same points and settings under glibc's default allocator: not the saved timing, timed again.
+    default = sweep(*[a if a != "0.9,0.3" else "0.9,0.5" for a in args], env={"MTP_PLUGINS_MALLOC": "0"})
+    assert default.returncode == 0 and default.stderr.count("done before, reused") == 7
+    assert "timing at batch 1" in default.stderr and "timing: reused" not in default.stderr
+    assert json.loads((out / "timing.json").read_text())["key"]["malloc"]["state"] == "off"
 
 
 def test_sweep_on_the_stock_gsm8k_task(tiny_checkpoints, tmp_path):

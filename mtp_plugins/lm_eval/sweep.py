@@ -47,8 +47,8 @@ DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
 DEFAULT_VERIFY_LOOKUP = "0,3"
 #: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch;
-#: 3 interleaves the points batch by batch within a round.
-TIMING_VERSION = 3
+#: 3 interleaves the points batch by batch within a round; 4 records (and is keyed on) the allocator.
+TIMING_VERSION = 4
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
 
@@ -293,6 +293,7 @@ class Sweep:
 
     def timing(self, points: list[Point], records: list[dict[str, Any]], say: Any = print) -> dict[str, Any] | None:
         """The timing phase (``timing.py``), or its saved result when every point and setting is the same."""
+        from mtp_plugins import allocator
         from mtp_plugins.lm_eval import timing
 
         if self.timing_repeats == 0:
@@ -300,7 +301,8 @@ class Sweep:
         batch_sizes = sorted({1, self.batch_size})
         reference = "hf" if any(p.name == "hf" for p in points) else "ar"
         key = {"version": TIMING_VERSION, "settings": self.settings(), "points": [[r["point"], r["weights"]] for r in records],
-               "prompts": self.timing_prompts, "repeats": self.timing_repeats, "batch_sizes": batch_sizes}
+               "prompts": self.timing_prompts, "repeats": self.timing_repeats, "batch_sizes": batch_sizes,
+               "malloc": allocator.current().to_json()}
         path = self.out / "timing.json"
         saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         if saved and saved.get("key") == key:
@@ -318,7 +320,7 @@ class Sweep:
                               for name, row in spreads.items()}
         result = {"key": key, "batch_sizes": batch_sizes, "reference": reference,
                   "prompts": {str(b): len(prompts.at(b)) for b in batch_sizes},
-                  "repeats": self.timing_repeats, "runs": runs, "summary": summary}
+                  "repeats": self.timing_repeats, "malloc": allocator.current().describe(), "runs": runs, "summary": summary}
         write_atomic(path, json.dumps(result, indent=1))
         return result
 

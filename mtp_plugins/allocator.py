@@ -1,0 +1,111 @@
+"""glibc malloc settings for CPU decoding: keep growing KV-cache buffers off mmap.
+
+Each decode step of a Hugging Face ``DynamicCache`` concatenates every layer's keys and values into
+new buffers a little larger than the last. Past glibc's mmap threshold (128 KiB at start, e.g.
+SmolLM2-135M's per-layer K/V at ~300 prompt tokens in bfloat16), each buffer is a fresh ``mmap`` and
+its release a ``munmap``, and the dynamic threshold never catches up with buffers that keep
+growing: every step pays system calls and page faults. On the 2-core demo machine this made a
+batch-1 forward of a 4-shot prompt 25 ms instead of 22 ms, and HF generate 29.1 instead of 22.9 ms
+a token (``benchmarks/results/demo.md``).
+
+:func:`tune_malloc` raises the mmap threshold to 64 MiB and the trim threshold to 256 MiB through
+``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do when set before start),
+for the whole process: the ``hf`` rows of a sweep run under the same allocator as the ``mtp`` rows.
+It changes speed and memory held (freed memory is reused rather than returned at once; a training
+run's peak RSS rose 3%), never a result. Our commands call it at start; set
+``MTP_PLUGINS_MALLOC=0`` to leave glibc's defaults. It does nothing where the C library is not
+glibc, and leaves the thresholds alone when either environment variable was set by the user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+#: The opt-out: ``MTP_PLUGINS_MALLOC=0`` keeps glibc's defaults.
+ENV = "MTP_PLUGINS_MALLOC"
+#: glibc's own variables; when the user set either, their values stand.
+GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MMAP_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 256 << 20
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class MallocSetting:
+    """What the process's allocator runs with, as recorded in a sweep's ``timing.json``."""
+
+    #: ``tuned`` (set by :func:`tune_malloc`), ``user`` (the user's glibc variables), ``off``
+    #: (``MTP_PLUGINS_MALLOC=0``), ``default`` (never tuned), ``unavailable`` (not glibc, or mallopt refused).
+    state: str
+    mmap_threshold: int | None = None
+    trim_threshold: int | None = None
+
+    def describe(self) -> str:
+        if self.state == "tuned":
+            return (f"glibc malloc tuned by mtp-plugins: mmap threshold {self.mmap_threshold >> 20} MiB, "
+                    f"trim threshold {self.trim_threshold >> 20} MiB ({ENV}=0 to keep the defaults)")
+        if self.state == "user":
+            values = zip(GLIBC_ENV, (self.mmap_threshold, self.trim_threshold))
+            return "glibc malloc as set by the environment: " + ", ".join(
+                f"{name}={value}" for name, value in values if value is not None)
+        if self.state == "off":
+            return f"glibc malloc defaults ({ENV}=0)"
+        if self.state == "unavailable":
+            return "the C library's malloc defaults (not glibc, nothing tuned)"
+        return "the C library's malloc defaults"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+_applied: MallocSetting | None = None
+
+
+def _from_environment() -> MallocSetting:
+    def value(name: str) -> int | None:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            return None
+
+    return MallocSetting("user", value("MALLOC_MMAP_THRESHOLD_"), value("MALLOC_TRIM_THRESHOLD_"))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - a static or unusual interpreter
+        return None
+
+
+def tune_malloc() -> MallocSetting:
+    """Apply the thresholds once per process (later calls return the first outcome)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        _applied = MallocSetting("off")
+    elif any(name in os.environ for name in GLIBC_ENV):
+        _applied = _from_environment()
+    else:
+        libc = _glibc()
+        mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+        if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
+            _applied = MallocSetting("tuned", MMAP_THRESHOLD, TRIM_THRESHOLD)
+        else:
+            _applied = MallocSetting("unavailable")
+    return _applied
+
+
+def current() -> MallocSetting:
+    """The setting this process runs with (``default`` when :func:`tune_malloc` was not called)."""
+    if _applied is not None:
+        return _applied
+    return _from_environment() if any(name in os.environ for name in GLIBC_ENV) else MallocSetting("default")

@@ -1,0 +1,102 @@
+"""``mtp_plugins/allocator.py``: our commands keep growing buffers off mmap on glibc, measurably, and
+leave the allocator alone when told to (or when the user set glibc's own variables)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp_plugins import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+#: Allocates 1 MiB with C malloc and says whether it became its own mmap region (mallinfo2's hblks),
+#: after calling tune_malloc() or, with --app, after running a Typer command through run_app.
+PROBE = r"""
+import ctypes, json, sys
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+from mtp_plugins import allocator
+if "--app" in sys.argv:
+    import typer
+    from mtp_plugins.console import run_app
+    app = typer.Typer()
+
+    @app.command()
+    def noop() -> None:
+        pass
+
+    sys.argv = ["probe"]
+    try:
+        run_app(app, "probe", ())
+    except SystemExit:
+        pass
+    setting = allocator.current()
+else:
+    setting = allocator.tune_malloc()
+before = libc.mallinfo2().hblks
+block = libc.malloc(1 << 20)
+mapped = libc.mallinfo2().hblks - before
+libc.free(block)
+print(json.dumps({"setting": setting.to_json(), "describe": setting.describe(), "mapped": mapped}))
+"""
+
+
+def probe(*args: str, **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in (allocator.ENV, *allocator.GLIBC_ENV)} | env
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, env=environment,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")
+def test_a_1_mib_block_is_mapped_by_default_and_kept_in_the_heap_once_tuned():
+    off = probe(**{allocator.ENV: "0"})
+    assert off["setting"] == {"state": "off", "mmap_threshold": None, "trim_threshold": None}
+    assert off["mapped"] == 1  # glibc's default threshold (128 KiB): its own mmap region
+    tuned = probe()
+    assert tuned["setting"] == {"state": "tuned", "mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
+    assert tuned["mapped"] == 0
+    assert tuned["describe"].startswith("glibc malloc tuned by mtp-plugins: mmap threshold 64 MiB, trim threshold 256 MiB")
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")
+def test_our_commands_tune_it_at_start():
+    assert probe("--app")["setting"]["state"] == "tuned"
+    assert probe("--app", **{allocator.ENV: "off"})["setting"]["state"] == "off"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc reads MALLOC_MMAP_THRESHOLD_")
+def test_the_users_own_glibc_variables_stand_and_are_what_is_recorded():
+    user = probe(MALLOC_MMAP_THRESHOLD_="4096")
+    assert user["setting"] == {"state": "user", "mmap_threshold": 4096, "trim_threshold": None}
+    assert user["mapped"] == 1  # their 4 KiB threshold, not ours
+    assert user["describe"] == "glibc malloc as set by the environment: MALLOC_MMAP_THRESHOLD_=4096"
+
+
+def test_elsewhere_it_does_nothing_and_says_so(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    for name in allocator.GLIBC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.current().state == "default"
+    setting = allocator.tune_malloc()
+    assert setting.state == "unavailable" and "nothing tuned" in setting.describe()
+    assert allocator.tune_malloc() is setting and allocator.current() is setting  # once per process
