@@ -4,9 +4,9 @@ Each decode step of a Hugging Face ``DynamicCache`` concatenates every layer's k
 new buffers a little larger than the last. Past glibc's mmap threshold (128 KiB at start, e.g.
 SmolLM2-135M's per-layer K/V at ~300 prompt tokens in bfloat16), each buffer is a fresh ``mmap`` and
 its release a ``munmap``, and the dynamic threshold never catches up with buffers that keep
-growing: every step pays system calls and page faults. On the 2-core demo machine this made a
-batch-1 forward of a 4-shot prompt 25 ms instead of 22 ms, and HF generate 29.1 instead of 22.9 ms
-a token (``benchmarks/results/demo.md``).
+growing: every step pays system calls and page faults. What that costs depends on the host: on one
+2-core VM a batch-1 forward of a 4-shot demo prompt took 25 ms instead of 22 ms, on another HF
+generate was 1.03x slower a token (``benchmarks/results/malloc_effect.md``).
 
 :func:`tune_malloc` raises the mmap threshold to 64 MiB and the trim threshold to 256 MiB through
 ``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do when set before start),
