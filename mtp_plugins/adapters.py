@@ -132,47 +132,49 @@ def attach_gated_lora(
 def _gated_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The projection, plus its low-rank path on the gated rows of ``x`` ``[B, S, in]``."""
     output = type(module).forward(module, x)
-    gate, scale = module._mtp_gate, module._mtp_scale
+    gate = module._mtp_gate
     tail, rows = gate.tail, gate.rows
     if not tail and rows is None:
         return output  # a pass without mask slots: the base projection alone
     if tail:
         tail = output.shape[1] if tail < 0 else tail
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # decoding: per-call overhead is most of the cost at batch 1
             group = module.__dict__.get("_mtp_group")
             if group is not None:
                 low = group[0].delta(group[1], x, tail)
             else:
-                a, b = _inference_weights(module, scale)
+                a, b = _inference_weights(module)
                 low = torch.mm(torch.mm(x[:, -tail:].to(torch.float32).reshape(-1, a.shape[0]), a), b)
             output[:, -tail:] += low.view(output.shape[0], tail, -1)
             return output
         a, b = getattr(module, _A), getattr(module, _B)
-        delta = (F.linear(F.linear(x[:, -tail:], a), b) * scale).to(output.dtype)  # [B, tail, out]
+        delta = (F.linear(F.linear(x[:, -tail:], a), b) * module._mtp_scale).to(output.dtype)  # [B, tail, out]
         if tail == output.shape[1]:
             return output + delta
         return torch.cat([output[:, :-tail], output[:, -tail:] + delta], dim=1)
     a, b = getattr(module, _A), getattr(module, _B)
     flat = output.reshape(-1, output.shape[-1])
-    delta = F.linear(F.linear(x.reshape(-1, x.shape[-1]).index_select(0, rows), a), b) * scale
+    delta = F.linear(F.linear(x.reshape(-1, x.shape[-1]).index_select(0, rows), a), b) * module._mtp_scale
     return flat.index_add(0, rows, delta.to(flat.dtype)).view(output.shape)
 
 
-def _inference_weights(module: torch.nn.Module, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _inference_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``A^T`` and ``scale * B^T`` as contiguous float32 matrices, made once per weight version.
 
     Without gradients the low-rank path runs in float32 whatever the model's dtype: on a CPU a
     bfloat16 matrix product this small costs about 4x a float32 one (per-call overhead), and the
     adapter runs 2 of them per projection per pass."""
-    a, b = getattr(module, _A), getattr(module, _B)
+    params = module._parameters  # not getattr: nn.Module's attribute lookup costs more than the check
+    a, b = params[_A], params[_B]
+    held = module.__dict__.get("_mtp_inference")
     # Trainable weights change under optimizers that do not bump the version counter (fused AdamW):
     # only frozen ones (a loaded checkpoint) are held.
+    if held is not None and held[0] is not None and held[0] == (a._version, b._version, a.data_ptr(), b.data_ptr()):
+        return held[1], held[2]
     key = None if a.requires_grad or b.requires_grad else (a._version, b._version, a.data_ptr(), b.data_ptr())
-    held = module.__dict__.get("_mtp_inference")
-    if key is None or held is None or held[0] != key:
-        with torch.no_grad():
-            held = (key, a.detach().float().t().contiguous(), (b.detach().float() * scale).t().contiguous())
-        module.__dict__["_mtp_inference"] = held
+    with torch.no_grad():
+        held = (key, a.detach().float().t().contiguous(), (b.detach().float() * module._mtp_scale).t().contiguous())
+    module.__dict__["_mtp_inference"] = held
     return held[1], held[2]
 
 

@@ -48,10 +48,34 @@ def grouped_sdpa(
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     folded = query.reshape(batch, heads // groups, groups * length, dim)  # rows: (group member, token)
-    mask = attention_mask.expand(batch, 1, length, key.shape[2]).repeat(1, 1, groups, 1)
+    mask = _repeated(attention_mask, batch, length, key.shape[2], groups)
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     out = out.reshape(batch, heads, length, value.shape[-1])
     return out.transpose(1, 2).contiguous(), None
+
+
+#: The mask repeated for the folded heads, for the mask object it was made from: every layer of a
+#: pass gets the same mask, so it is repeated once per pass, not once per layer. Cleared on leaving
+#: ``grouped_attention``.
+_REPEATED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _repeat(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int) -> torch.Tensor:
+    """``mask`` [B, 1, q, L] for the folded query rows: [B, 1, groups * q, L]."""
+    return mask.expand(batch, 1, length, keys).repeat(1, 1, groups, 1)
+
+
+def _repeated(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _repeat(mask, batch, length, keys, groups)
+    held = _REPEATED.get((id(mask), groups))
+    if held is not None and held[0] is mask and held[1].shape[-1] == keys:
+        return held[1]
+    repeated = _repeat(mask, batch, length, keys, groups)
+    if len(_REPEATED) > 4:  # masks of finished passes (a model's layers take at most two kinds)
+        _REPEATED.clear()
+    _REPEATED[(id(mask), groups)] = (mask, repeated)
+    return repeated
 
 
 AttentionInterface.register(NAME, grouped_sdpa)
@@ -69,4 +93,5 @@ def grouped_attention(model: Any) -> Iterator[None]:
     try:
         yield
     finally:
+        _REPEATED.clear()
         model.set_attn_implementation("sdpa")

@@ -20,6 +20,13 @@ import torch
 DECODER_API_VERSION = 1
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The index of the largest logit along the last dimension (the first one on ties, as
+    ``argmax``): ``max(dim=-1).indices``, which on a CPU runs several times faster than ``argmax``
+    over a vocabulary (bfloat16 and float32 alike)."""
+    return logits.max(dim=-1).indices
+
+
 @dataclass
 class Proposals:
     """One pass's proposals for the B active rows."""
@@ -33,6 +40,7 @@ class Proposals:
     row_index: list[int] = field(default_factory=list)
     _confidence: torch.Tensor | None = field(default=None, repr=False)
     _mask_confidence: torch.Tensor | None = field(default=None, repr=False)
+    _mask_top: torch.Tensor | None = field(default=None, repr=False)  # [B, P-1]: each slot's largest logit
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -51,7 +59,8 @@ class Proposals:
         """[B, P-1] float: the top-1 softmax probability of each mask slot (``confidence[:, 1:]``)."""
         if self._mask_confidence is None:
             logits = self.mask_logits.float()
-            self._mask_confidence = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
+            top = logits.amax(dim=-1) if self._mask_top is None else self._mask_top.float()
+            self._mask_confidence = torch.exp(top - torch.logsumexp(logits, dim=-1))
         return self._mask_confidence
 
 

@@ -37,7 +37,7 @@ import torch
 from mtp_plugins.adapters import gate_tail
 from mtp_plugins.checkpoint import read_mtp_spec
 from mtp_plugins.decoding.attention import grouped_attention
-from mtp_plugins.decoding.base import Decoder, Proposals
+from mtp_plugins.decoding.base import Decoder, Proposals, greedy_tokens
 from mtp_plugins.decoding.kvcache import DynamicKV, StaticKV, compiled_call
 from mtp_plugins.decoding.lookup import NgramIndex
 from mtp_plugins.decoding.stats import GenerateOutput, GenerationStats, RowStats
@@ -312,7 +312,7 @@ class _DecodeLoop:
         mask_groups = logits[:, max_drafts + 1 :].view(B, 1 + groups, n, V)  # [B, 1+g, n, V]: after the drafts, recovery
         batch = torch.arange(len(rows), device=dev)
         if max_drafts:
-            greedy = exact.argmax(dim=-1)  # [B, D+1]; column c predicts the token at column c+1
+            greedy = greedy_tokens(exact)  # [B, D+1]; column c predicts the token at column c+1
             is_draft = torch.arange(max_drafts, device=dev) >= (max_drafts - n_drafts)[:, None]
             agrees = (drafted == greedy[:, :-1]) | ~is_draft  # [B, D]
             at = agrees.long().cumprod(dim=1).sum(dim=1)  # [B] column whose logits give the next token
@@ -323,17 +323,18 @@ class _DecodeLoop:
             verified = at
             all_verified = torch.ones(len(rows), dtype=torch.bool, device=dev)
         next_logits = exact[batch, at]  # [B, V]
-        first = self.sampler(next_logits) if self.sampler else next_logits.argmax(dim=-1)
+        first = self.sampler(next_logits) if self.sampler else greedy_tokens(next_logits)
         # Mask proposals made after a rejected draft continue a wrong prefix, unless a recovery group
         # sits after the token whose logits gave proposal 0 (``verified`` drafts past the decided one).
         recovered = ~all_verified & (verified < groups)
         group = torch.where(recovered, 1 + verified.clamp(max=max(groups - 1, 0)), 0)
         mask_logits = mask_groups[batch, group]  # [B, n, V]
-        tokens = torch.cat([first.view(-1, 1), mask_logits.argmax(dim=-1)], dim=1)  # [B, k]
+        top = mask_logits.max(dim=-1)  # the slots' greedy tokens, and their logits (for the confidence)
+        tokens = torch.cat([first.view(-1, 1), top.indices], dim=1)  # [B, k]
         # Otherwise only proposal 0 is valid.
         valid = torch.where(all_verified | recovered, tokens.shape[1], 1)
         proposals = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits,
-                              row_index=[r.index for r in rows])
+                              row_index=[r.index for r in rows], _mask_top=top.values)
         return proposals, verified
 
     def _advance(

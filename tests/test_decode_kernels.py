@@ -1,0 +1,55 @@
+"""The engine's per-pass shortcuts: each must give exactly what the plain operation gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model
+
+from mtp_plugins.decoding import attention
+from mtp_plugins.decoding.base import Proposals, greedy_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_is_argmax_ties_and_nan_included(dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 5, 4099, generator=generator) * 2).round().to(dtype)  # many ties per row
+    logits[3, 1, 17] = float("nan")
+    logits[4, 2] = 1.0  # a row that is one long tie
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+
+
+def test_slot_confidence_from_the_passed_maxima_equals_the_computed_one():
+    generator = torch.Generator().manual_seed(1)
+    mask_logits = torch.randn(3, 4, 50, generator=generator).to(torch.bfloat16)
+    next_logits = torch.randn(3, 50, generator=generator)
+    top = mask_logits.max(dim=-1)
+    tokens = torch.cat([greedy_tokens(next_logits)[:, None], top.indices], dim=1)
+    valid = torch.full((3,), 5)
+    given = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits, _mask_top=top.values)
+    computed = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits)
+    assert torch.equal(given.confidence, computed.confidence)
+
+
+def test_the_folded_attention_repeats_the_mask_once_per_pass(monkeypatch):
+    model = build_model("llama", 64, num_hidden_layers=3)  # 4 query heads on 2 key/value heads
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0  # a left-padded row: the pass needs a mask
+    calls = []
+    plain = attention._repeat
+
+    def counted(*args):
+        calls.append(args[0])
+        return plain(*args)
+
+    monkeypatch.setattr(attention, "_repeat", counted)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=padding).logits  # HF's sdpa
+        with attention.grouped_attention(model):
+            got = model(input_ids=ids, attention_mask=padding).logits
+            again = model(input_ids=ids, attention_mask=padding).logits
+    assert len(calls) == 2 and calls[0] is not calls[1]  # once per pass (3 layers each), a new mask each pass
+    assert not attention._REPEATED  # nothing held after the call
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
