@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mtp_plugins.losses import GroundTruth, HardLabel, SoftKL
+from mtp_plugins.losses import GroundTruth, HardLabel, SoftKL, _ForwardKL
 from mtp_plugins.registry import LOSSES, UnknownPluginError, load_loss, plugin_names
 
 
@@ -43,6 +44,26 @@ def test_each_loss_matches_its_reference_formula():
     assert HardLabel()(s, t, targets, w).item() == pytest.approx(mean(hard, w.tolist()), rel=1e-5)
     assert SoftKL()(s, t, targets, w).item() == pytest.approx(mean(kl, w.tolist()), rel=1e-5)
     assert GroundTruth()(s, None, targets, w).item() == pytest.approx(mean(gt, w.tolist()), rel=1e-5)
+
+
+def test_soft_kl_value_and_gradient_equal_autograd_of_the_definition():
+    """SoftKL computes its gradient itself, a few rows at a time: over several chunks (and a short
+    last one) it must equal autograd through the plain formula."""
+    generator = torch.Generator().manual_seed(7)
+    rows = 2 * _ForwardKL.ROWS + 5
+    s = (torch.randn(rows, 301, generator=generator) * 3).requires_grad_()
+    t = torch.randn(rows, 301, generator=generator) * 3
+    w = torch.rand(rows, generator=generator)
+    reference = s.detach().clone().requires_grad_()
+    log_p = F.log_softmax(t, dim=-1)
+    want = (log_p.exp() * (log_p - F.log_softmax(reference, dim=-1))).sum(dim=-1)
+    (want * w).sum().backward()
+    got = SoftKL().per_position(s, t, torch.zeros(rows, dtype=torch.long))
+    (got * w).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad, reference.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: the same values
+        torch.testing.assert_close(SoftKL().per_position(s, t, None), want.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", [HardLabel(), SoftKL(), GroundTruth()])
