@@ -43,11 +43,6 @@ LIMIT = 128
 #: The sweep's points (mtp-sweep's --taus, --static, --verify-lookup), the demo's option defaults;
 #: few enough that set-up, training and the sweep fit in about 25 minutes on 2 CPU cores.
 TAUS = "0.9,0.8,0.6"
-#: The timing phase: 16 prompts in 2 rounds (about the time of mtp-sweep's 8 in 3). On the first 8
-#: problems alone ConfAdapt's Eff. k ran 4-6% below its Eff. k over all 128 in each of three demo
-#: runs (a sample that small is not the task), and the speed-up follows Eff. k.
-TIMING_PROMPTS = 16
-TIMING_REPEATS = 2
 STATIC = "3"
 VERIFY_LOOKUP = "0,3"
 STAGES_FILE = "demo_stages.json"
@@ -262,8 +257,8 @@ def demo(
     verify_lookup: str = typer.Option(VERIFY_LOOKUP, help="Prompt-lookup n-gram lengths of the sweep's lossless verify "
                                                           "points (0: drafts from the mask slots alone; 'none': no verify points)."),
     max_gen_toks: Optional[int] = typer.Option(None, help="Override the task's generation length."),
-    timing_prompts: int = typer.Option(TIMING_PROMPTS, help="Prompts of the sweep's timing phase."),
-    timing_repeats: int = typer.Option(TIMING_REPEATS, help="Interleaved timing rounds."),
+    timing_prompts: Optional[int] = typer.Option(None, help="Prompts of the sweep's timing phase [default: mtp-sweep's]."),
+    timing_repeats: Optional[int] = typer.Option(None, help="Interleaved timing rounds [default: mtp-sweep's]."),
     model: Optional[Path] = typer.Option(None, help="A local HF model to use instead of the embedded SmolLM2."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the distilled run's checkpoints/ (resume state, about 3x the model) after its export."),
 ) -> None:
