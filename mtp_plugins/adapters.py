@@ -166,12 +166,14 @@ def _inference_weights(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Ten
     adapter runs 2 of them per projection per pass."""
     params = module._parameters  # not getattr: nn.Module's attribute lookup costs more than the check
     a, b = params[_A], params[_B]
+    key = (a._version, b._version, a.data_ptr(), b.data_ptr())
     held = module.__dict__.get("_mtp_inference")
-    # Trainable weights change under optimizers that do not bump the version counter (fused AdamW):
-    # only frozen ones (a loaded checkpoint) are held.
-    if held is not None and held[0] is not None and held[0] == (a._version, b._version, a.data_ptr(), b.data_ptr()):
+    if held is not None and held[0] == key:
         return held[1], held[2]
-    key = None if a.requires_grad or b.requires_grad else (a._version, b._version, a.data_ptr(), b.data_ptr())
+    # Trainable weights change under optimizers that do not bump the version counter (fused AdamW):
+    # only frozen ones (a loaded checkpoint) are held (a key of None matches no call).
+    if a.requires_grad or b.requires_grad:
+        key = None
     with torch.no_grad():
         held = (key, a.detach().float().t().contiguous(), (b.detach().float() * module._mtp_scale).t().contiguous())
     module.__dict__["_mtp_inference"] = held

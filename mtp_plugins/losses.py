@@ -70,9 +70,9 @@ class _ForwardKL(torch.autograd.Function):
 
     ``KL = sum p (log p - s) + logsumexp(s)``. Autograd's version of the same formula makes and keeps
     several ``[N, V]`` float32 tensors (both log-softmaxes, ``p``, the difference) and walks them
-    again backwards; with a 49k vocabulary and ~1000 supervised positions each is ~200 MB, so the
-    loss was memory-bound: about a third of a gated training step on a 2-core CPU. Rows are taken
-    ``ROWS`` at a time (a few MB, cache-resident), and only the gradient is kept.
+    again backwards; with a 49k vocabulary and ~1000 supervised positions each is ~200 MB. Rows are
+    taken ``ROWS`` at a time (a few MB, cache-resident), and only the gradient is kept: on a 2-core
+    CPU 768 rows forward and backward took 0.19 s against 0.47 s, a demo training step about 3% less.
     """
 
     ROWS = 32
