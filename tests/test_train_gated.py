@@ -165,3 +165,35 @@ def test_bad_context_shots_are_refused(value, message, tiny_run, tmp_path):
     with pytest.raises(ConfigError, match=message):
         Trainer(settings(tiny_run, tmp_path / "out", context_shots=value, **GATED)).setup()
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_the_teacher_temperature_divides_the_teachers_logits_before_the_loss(tiny_run, tmp_path, monkeypatch):
+    from mtp_plugins.losses import SoftKL
+
+    seen = []
+    original_call = SoftKL.__call__
+
+    def spy(self, student, teacher, targets, weights):
+        seen.append(teacher.detach().clone())
+        return original_call(self, student, teacher, targets, weights)
+
+    monkeypatch.setattr(SoftKL, "__call__", spy)
+    firsts = {}
+    for temperature in (1.0, 0.5):
+        seen.clear()
+        out = Trainer(settings(tiny_run, tmp_path / str(temperature), loss="soft-kl", max_steps=1, eval_rows=4,
+                               teacher_temperature=temperature, **GATED)).run()
+        firsts[temperature] = seen[0]
+        recorded = (out / "train_config.yaml").read_text()
+        assert f"teacher_temperature: {temperature}" in recorded
+    assert torch.equal(firsts[0.5], firsts[1.0] / 0.5)
+
+
+@pytest.mark.parametrize(("loss", "temperature", "message"), [
+    ("ground-truth", 0.7, r"--teacher-temperature 0.7 does nothing with --loss ground-truth: it uses no teacher"),
+    ("soft-kl", 0.0, r"--teacher-temperature must be .*got 0.0"),
+    ("soft-kl", float("inf"), r"--teacher-temperature must be .*got inf"),
+])
+def test_a_teacher_temperature_that_cannot_work_is_refused(loss, temperature, message, tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(settings(tiny_run, tmp_path / "out", loss=loss, teacher_temperature=temperature, **GATED))

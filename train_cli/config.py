@@ -30,6 +30,7 @@ class TrainConfig:
     template: Literal["plain", "chat", "completion"] = "plain"  # plain: prompt, blank line, response; chat: the model's template; completion: prompt then response, as they are
     eval_rows: int = 64  # held-out rows (from a validation/test split if the data has one)
     loss: str = "hard-label"  # a loss registered under mtp_plugins.losses
+    teacher_temperature: float = 1.0  # the teacher's logits are divided by it before the loss: below 1 sharpens soft-kl's targets toward the teacher's greedy token (hard-label's argmax does not change)
     output_dir: str = "mtp-out"
     max_steps: int | None = 1000  # optimizer steps; or use max_tokens
     max_tokens: int | None = None  # stop after this many real tokens seen by the student
@@ -111,6 +112,7 @@ NUMBER_RANGES = (
     ("prefix_loss_weight", 0.0, True, None, False),
     ("entropy_weight", None, False, None, False),
     ("lora_alpha", 0.0, False, None, False),
+    ("teacher_temperature", 0.0, False, None, False),
 )
 
 

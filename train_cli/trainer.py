@@ -99,6 +99,11 @@ class Trainer:
         self.fsdp_casts = self.dist.enabled and self.device.type == "cuda"
         self.autocast = self.compute_dtype != torch.float32 and not self.fsdp_casts
         self.loss_fn = load_loss(config.loss)()
+        if config.teacher_temperature != 1.0 and not self.loss_fn.needs_teacher:
+            raise ConfigError(
+                f"--teacher-temperature {config.teacher_temperature} does nothing with --loss {config.loss}: it uses no "
+                "teacher; leave it at 1"
+            )
         self.output_dir = config.output_path
         # Gated adapters over the frozen base: the teacher is the same weights with the gate off.
         self.gated = config.trainable == "gated-lora"
@@ -364,6 +369,8 @@ class Trainer:
             V = student.shape[-1]
             if self.teacher is not None:
                 teacher = self._teacher_logits(layout, columns, self._drafts(student[:, :, : k - 1]), V)
+        if teacher is not None and c.teacher_temperature != 1.0:
+            teacher = teacher.float() / c.teacher_temperature  # the targets the loss sees (and validation's loss)
         weights = layout.supervised[:, :, None].expand(B, R, k).reshape(-1).float()
         loss = self.loss_fn(
             student.reshape(-1, V), None if teacher is None else teacher.reshape(-1, V), layout.targets.reshape(-1), weights
