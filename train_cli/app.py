@@ -116,7 +116,7 @@ def train(
     template: Optional[Template] = typer.Option(None, help=_help("plain: prompt, blank line, response; chat: the model's chat template; completion: prompt then response as they are.", "template")),
     eval_rows: Optional[int] = typer.Option(None, help=_help("Held-out rows for validation.", "eval_rows")),
     loss: Optional[str] = typer.Option(None, help=_help("Loss strategy by name (hard-label, soft-kl, ground-truth, or a plugin's).", "loss")),
-    teacher_temperature: Optional[float] = typer.Option(None, help=_help("The teacher's logits are divided by it before the loss: below 1 sharpens soft-kl's targets toward the teacher's greedy token, which is what greedy decoding emits (the demo recipe: 0.85, benchmarks/results/demo.md); hard-label's argmax does not change.", "teacher_temperature")),
+    teacher_temperature: Optional[float] = typer.Option(None, help=_help("The teacher's logits are divided by it before the loss: below 1 sharpens soft-kl's targets toward the teacher's greedy token, which is what greedy decoding emits (tried on the demo: benchmarks/results/demo.md); hard-label's argmax does not change.", "teacher_temperature")),
     output_dir: Optional[str] = typer.Option(None, help=_help("Run directory: the final HF model, checkpoints/, metrics.jsonl.", "output_dir")),
     max_steps: Optional[int] = typer.Option(None, help=_help("Optimizer steps (0 writes the prepared, untrained checkpoint).", "max_steps")),
     max_tokens: Optional[int] = typer.Option(None, help=_help("Stop after the student has seen this many real tokens.", "max_tokens")),
