@@ -141,11 +141,14 @@ def _gated_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # decoding: per-call overhead is most of the cost at batch 1
             group = module.__dict__.get("_mtp_group")
             if group is not None:
-                low = group[0].delta(group[1], x, tail)
-            else:
-                a, b = _inference_weights(module)
-                low = torch.mm(torch.mm(x[:, -tail:].to(torch.float32).reshape(-1, a.shape[0]), a), b)
-            output[:, -tail:] += low.view(output.shape[0], tail, -1)
+                output[:, -tail:] += group[0].delta(group[1], x, tail).view(output.shape[0], tail, -1)
+                return output
+            # The B product adds into a float32 copy of the tail in one fused call (addmm), written
+            # back once: measurably cheaper per pass than a product and a mixed-dtype add.
+            a, b = _inference_weights(module)
+            held = output[:, -tail:].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            held.view(-1, held.shape[-1]).addmm_(torch.mm(x[:, -tail:].float().reshape(-1, a.shape[0]), a), b)
+            output[:, -tail:] = held
             return output
         a, b = getattr(module, _A), getattr(module, _B)
         delta = (F.linear(F.linear(x[:, -tail:], a), b) * module._mtp_scale).to(output.dtype)  # [B, tail, out]

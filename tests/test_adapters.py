@@ -235,3 +235,30 @@ def test_torch_compile_traces_the_gated_adapters(tokenizer):
     eager = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16)
     compiled = generate(model, ids, mask, strategy="static", k=4, max_new_tokens=16, compile=True)
     assert torch.equal(eager.sequences, compiled.sequences)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_inference_path_computes_the_training_formula_on_the_tail(tokenizer, rows):
+    """Without gradients the low-rank path runs in float32 and adds into the tail in place (the
+    engine's fast path); it computes what the trainer's path computes, on every row of the batch."""
+    from mtp_plugins.adapters import gate_tail
+
+    original = build_model("llama", len(tokenizer), seed=5)
+    model, spec = _gated(original, tokenizer, targets="residual")
+    ids = batch(tokenizer, PROMPTS[:rows])[0]
+    ids = torch.cat([ids, torch.tensor([spec.mask_token_ids[:3]] * rows)], dim=1)
+    with torch.no_grad(), gate_tail(model, 3):
+        trainable = model(ids).logits  # trainable weights: held per call
+    frozen = copy.deepcopy(model)
+    for p in adapters_of(frozen).parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), gate_tail(frozen, 3):
+        fast = frozen(ids).logits
+    with torch.enable_grad(), gate_tail(model, 3):
+        reference = model(ids).logits.detach()  # the trainer's formula (F.linear in the model's dtype)
+    assert torch.equal(fast[:, :-3], reference[:, :-3]) and torch.equal(trainable, fast)
+    assert torch.allclose(fast[:, -3:], reference[:, -3:], atol=1e-5)
+    plain = copy.deepcopy(original)
+    add_mask_tokens(plain, copy.deepcopy(tokenizer))
+    with torch.no_grad():
+        assert not torch.allclose(fast[:, -3:], plain(ids).logits[:, -3:])  # the adapter did act

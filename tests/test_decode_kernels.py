@@ -53,3 +53,23 @@ def test_the_folded_attention_repeats_the_mask_once_per_pass(monkeypatch):
     assert not attention._REPEATED  # nothing held after the call
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_additive_folded_mask_gives_exactly_the_boolean_masks_attention(dtype):
+    """The folded mask is handed to SDPA as 0 / -inf in the query's dtype (made once per pass, not
+    converted from booleans in every layer): the attention is bit for bit the boolean mask's."""
+    g = torch.Generator().manual_seed(3)
+    batch, kv_heads, groups, length, keys = 2, 2, 3, 4, 37
+    query = torch.randn(batch, kv_heads, groups * length, 16, generator=g).to(dtype)
+    key, value = (torch.randn(batch, kv_heads, keys, 16, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(batch, 1, length, keys, generator=g) > 0.3
+    mask[..., -length:] = torch.tril(torch.ones(length, length, dtype=torch.bool))  # every query sees itself
+    mask[1, :, :, :5] = False  # a row's left padding
+    boolean = mask.repeat(1, 1, groups, 1)
+    additive = attention._repeat(mask, batch, length, keys, groups, dtype)
+    assert additive.dtype == dtype and torch.equal(additive == 0, boolean)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(query, key, value, attn_mask=boolean, scale=0.25)
+    got = sdpa(query, key, value, attn_mask=additive, scale=0.25)
+    assert torch.equal(got, want)

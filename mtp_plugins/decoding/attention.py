@@ -48,7 +48,7 @@ def grouped_sdpa(
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     folded = query.reshape(batch, heads // groups, groups * length, dim)  # rows: (group member, token)
-    mask = _repeated(attention_mask, batch, length, key.shape[2], groups)
+    mask = _repeated(attention_mask, batch, length, key.shape[2], groups, query.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     out = out.reshape(batch, heads, length, value.shape[-1])
     return out.transpose(1, 2).contiguous(), None
@@ -57,24 +57,27 @@ def grouped_sdpa(
 #: The mask repeated for the folded heads, for the mask object it was made from: every layer of a
 #: pass gets the same mask, so it is repeated once per pass, not once per layer. Cleared on leaving
 #: ``grouped_attention``.
-_REPEATED: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_REPEATED: dict[tuple[int, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _repeat(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int) -> torch.Tensor:
-    """``mask`` [B, 1, q, L] for the folded query rows: [B, 1, groups * q, L]."""
-    return mask.expand(batch, 1, length, keys).repeat(1, 1, groups, 1)
+def _repeat(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` [B, 1, q, L] (True = attend) for the folded query rows: [B, 1, groups * q, L], as the
+    additive mask (0 or -inf, in the query's dtype) that SDPA would otherwise convert a boolean one
+    to in every layer (the same values, so the same attention)."""
+    repeated = mask.expand(batch, 1, length, keys).repeat(1, 1, groups, 1)
+    return torch.zeros(repeated.shape, dtype=dtype, device=mask.device).masked_fill_(~repeated, float("-inf"))
 
 
-def _repeated(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int) -> torch.Tensor:
+def _repeated(mask: torch.Tensor, batch: int, length: int, keys: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return _repeat(mask, batch, length, keys, groups)
-    held = _REPEATED.get((id(mask), groups))
+        return _repeat(mask, batch, length, keys, groups, dtype)
+    held = _REPEATED.get((id(mask), groups, dtype))
     if held is not None and held[0] is mask and held[1].shape[-1] == keys:
         return held[1]
-    repeated = _repeat(mask, batch, length, keys, groups)
+    repeated = _repeat(mask, batch, length, keys, groups, dtype)
     if len(_REPEATED) > 4:  # masks of finished passes (a model's layers take at most two kinds)
         _REPEATED.clear()
-    _REPEATED[(id(mask), groups)] = (mask, repeated)
+    _REPEATED[(id(mask), groups, dtype)] = (mask, repeated)
     return repeated
 
 

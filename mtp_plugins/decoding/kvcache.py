@@ -38,13 +38,104 @@ CAPACITY_STEP = 512
 Call = Callable[..., torch.Tensor]
 
 
-def new_dynamic_cache(model: Any) -> Any:
+#: A reserved layer's buffers hold this many columns beyond what they need when they grow ...
+RESERVE_MIN = 128
+#: ... or this share of what they need, if more.
+RESERVE_SHARE = 0.25
+
+
+def _reserved_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """HF's ``DynamicLayer`` whose keys and values are views of buffers with spare columns.
+
+        ``DynamicLayer.update`` concatenates, so every pass copies the layer's whole cache to add a
+        few columns; here a pass writes its columns into the spare ones, and the buffers are copied
+        only when they run out (every ``RESERVE_MIN`` columns or more). ``keys`` and ``values`` hold
+        the same entries as ``DynamicLayer``'s, so attention computes the same. Anything that sets
+        ``keys``/``values`` itself (``batch_select_indices``, the engine's compaction) is taken as the
+        new content: the next update moves it into fresh buffers."""
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if key_states.requires_grad or value_states.requires_grad:  # in-place writes would not backpropagate
+                self._buffers = None
+                return super().update(key_states, value_states, *args, **kwargs)
+            length, added = self.keys.shape[-2] if self.keys.dim() == 4 else 0, key_states.shape[-2]
+            held = self._buffers
+            if (
+                held is None
+                or held[0].shape[-2] < length + added
+                or not _views_of(self.keys, held[0])
+                or not _views_of(self.values, held[1])
+                or held[0].shape[:2] != key_states.shape[:2]
+            ):
+                held = self._grow(key_states, value_states, length, length + added)
+            held[0][:, :, length : length + added].copy_(key_states)
+            held[1][:, :, length : length + added].copy_(value_states)
+            self.keys, self.values = held[0][:, :, : length + added], held[1][:, :, : length + added]
+            return self.keys, self.values
+
+        def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, needed: int) -> Any:
+            room = needed + max(RESERVE_MIN, int(needed * RESERVE_SHARE))
+            fresh = []
+            for old, new in ((self.keys, key_states), (self.values, value_states)):
+                buffer = new.new_empty((*new.shape[:2], room, new.shape[3]))
+                if length:
+                    buffer[:, :, :length].copy_(old)
+                fresh.append(buffer)
+            self._buffers = (fresh[0], fresh[1])
+            return self._buffers
+
+        def reset(self) -> None:
+            self._buffers = None
+            super().reset()
+
+    return ReservedLayer
+
+
+def _views_of(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether ``t`` is ``buffer``'s leading columns (what ``update`` and ``crop`` leave)."""
+    return t.data_ptr() == buffer.data_ptr() and t.stride() == buffer.stride() and t.shape[:2] == buffer.shape[:2]
+
+
+_RESERVED: list[type] = []
+
+
+def reserved_layer_class() -> type:
+    if not _RESERVED:
+        _RESERVED.append(_reserved_layer_class())
+    return _RESERVED[0]
+
+
+def new_dynamic_cache(model: Any, reserve: bool = False) -> Any:
+    """HF's ``DynamicCache`` for ``model``; ``reserve``: its plain layers replaced by
+    ``ReservedLayer`` (the same entries without copying the whole cache on every pass; for passes
+    without gradients: the decode engine's)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     try:
-        return DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
     except TypeError:  # older signature
-        return DynamicCache()
+        cache = DynamicCache()
+    if not reserve:
+        return cache
+    reserved = reserved_layer_class()
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        cache.layers = [reserved() if type(layer) is DynamicLayer else layer for layer in layers]
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = reserved
+    return cache
 
 
 def _pow2(n: int) -> int:
@@ -96,11 +187,11 @@ class DynamicKV(_KV):
     def __init__(self, model: Any, batch: int, call: Call, device: torch.device) -> None:
         super().__init__(batch)
         self.call = call
-        self.cache = new_dynamic_cache(model)
+        self.cache = new_dynamic_cache(model, reserve=True)
         self.valid = torch.zeros((batch, 0), dtype=torch.bool, device=device)  # [B, L]
         # Holes can be dropped from plain per-layer key/value tensors (not sliding windows, not quantized).
         layers = getattr(self.cache, "layers", None)
-        self.compactable = layers is not None and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+        self.compactable = layers is not None and all(type(layer).__name__ in ("DynamicLayer", "ReservedLayer") for layer in layers)
 
     def forward(
         self, block: torch.Tensor, block_valid: torch.Tensor, positions: torch.Tensor, keep: int,

@@ -116,7 +116,7 @@ class PassCost:
     def _measure(self, batch: int) -> dict[int, float]:
         vocab = self.model.get_input_embeddings().weight.shape[0]
         dev = self.device
-        cache = new_dynamic_cache(self.model)
+        cache = new_dynamic_cache(self.model, reserve=True)
         ids = torch.arange(batch * _CONTEXT, device=dev).remainder(vocab).view(batch, _CONTEXT)
         ones = torch.ones((batch, _CONTEXT), dtype=torch.bool, device=dev)
         positions = torch.arange(_CONTEXT, device=dev).expand(batch, -1)
