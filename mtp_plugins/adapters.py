@@ -143,9 +143,13 @@ def _gated_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             if group is not None:
                 output[:, -tail:] += group[0].delta(group[1], x, tail).view(output.shape[0], tail, -1)
                 return output
+            a, b = _inference_weights(module)
+            if torch.is_autocast_enabled(x.device.type):  # (the trainer's evaluation) products in its dtype
+                low = torch.mm(torch.mm(x[:, -tail:].float().reshape(-1, a.shape[0]), a), b)
+                output[:, -tail:] += low.view(output.shape[0], tail, -1)
+                return output
             # The B product adds into a float32 copy of the tail in one fused call (addmm), written
             # back once: measurably cheaper per pass than a product and a mixed-dtype add.
-            a, b = _inference_weights(module)
             held = output[:, -tail:].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
             held.view(-1, held.shape[-1]).addmm_(torch.mm(x[:, -tail:].float().reshape(-1, a.shape[0]), a), b)
             output[:, -tail:] = held

@@ -262,3 +262,21 @@ def test_the_inference_path_computes_the_training_formula_on_the_tail(tokenizer,
     add_mask_tokens(plain, copy.deepcopy(tokenizer))
     with torch.no_grad():
         assert not torch.allclose(fast[:, -3:], plain(ids).logits[:, -3:])  # the adapter did act
+
+
+def test_the_inference_path_runs_under_autocast(tokenizer):
+    """The trainer evaluates under bf16 autocast without gradients: the low-rank path's products
+    follow autocast there (an in-place float32 add would meet bf16 products)."""
+    from mtp_plugins.adapters import gate_tail
+
+    original = build_model("llama", len(tokenizer), seed=5)
+    model, spec = _gated(original, tokenizer, targets="residual")
+    for p in adapters_of(model).parameters():
+        p.requires_grad_(False)
+    ids = torch.cat([batch(tokenizer, PROMPTS[:2])[0], torch.tensor([spec.mask_token_ids[:3]] * 2)], dim=1)
+    with torch.no_grad(), gate_tail(model, 3):
+        want = model(ids).logits[:, -3:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(ids).logits[:, -3:].float()
+    assert torch.isfinite(got).all()
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)).min() > 0.99  # bf16 rounding only

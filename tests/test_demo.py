@@ -131,3 +131,34 @@ def test_the_demo_recipe_trains_a_gated_adapter_on_the_demo_tasks_level():
     assert config.trainable == "gated-lora" and config.export == "adapter"
     task = yaml.safe_load((Path(__file__).parents[1] / "tasks" / f"{demo.TASK}.yaml").read_text())
     assert synthetic.parse_source(config.data)[1] == task["dataset_kwargs"]["difficulty"] == "easy"
+
+
+def test_the_constraints_pin_every_dependency_within_what_pyproject_allows():
+    """``make`` installs with ``-c constraints.txt`` so the committed demo reproduces: every direct
+    dependency of the package and of the extras ``make`` installs must be pinned there, to a version
+    ``pyproject.toml`` accepts; torch is left to TORCH_SPEC (CPU or CUDA build)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    assert "torch" not in pins
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"] + project["optional-dependencies"]["bench"]
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement.specifier}"
+    makefile = (root / "Makefile").read_text()
+    assert "-c $(CONSTRAINTS)" in makefile and "CONSTRAINTS ?= constraints.txt" in makefile

@@ -45,6 +45,13 @@ LIMIT = 128
 TAUS = "0.9,0.8,0.6"
 STATIC = "3"
 VERIFY_LOOKUP = "0,3"
+#: The timing phase (mtp-sweep's --timing-prompts, --timing-repeats): 16 prompts at batch 1, 2 rounds.
+#: Eff. k varies from prompt to prompt (the demo adapter's ConfAdapt tau 0.9: 1.22 to 1.96 over the
+#: first 48), so the first 8 prompts (the sweep's default) gave 1.51 where 16 give 1.55 and 48 give
+#: 1.59 (128 problems: 1.61); 2 rounds of 16 cost about what 3 of 8 did, and the rounds' speed-ups
+#: differed by under 0.02 (benchmarks/results/demo.md).
+TIMING_PROMPTS = 16
+TIMING_REPEATS = 2
 STAGES_FILE = "demo_stages.json"
 FLAGS = {"recipe": "the recipe", "recipe_sha256": "the recipe's content (sha256)", "model": "--model",
          "model_sha256": "the content of --model (sha256)", "max_steps": "--max-steps"}
@@ -257,8 +264,8 @@ def demo(
     verify_lookup: str = typer.Option(VERIFY_LOOKUP, help="Prompt-lookup n-gram lengths of the sweep's lossless verify "
                                                           "points (0: drafts from the mask slots alone; 'none': no verify points)."),
     max_gen_toks: Optional[int] = typer.Option(None, help="Override the task's generation length."),
-    timing_prompts: Optional[int] = typer.Option(None, help="Prompts of the sweep's timing phase [default: mtp-sweep's]."),
-    timing_repeats: Optional[int] = typer.Option(None, help="Interleaved timing rounds [default: mtp-sweep's]."),
+    timing_prompts: int = typer.Option(TIMING_PROMPTS, help="Prompts of the sweep's timing phase (batch 1)."),
+    timing_repeats: int = typer.Option(TIMING_REPEATS, help="Interleaved timing rounds (0: no timing)."),
     model: Optional[Path] = typer.Option(None, help="A local HF model to use instead of the embedded SmolLM2."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep the distilled run's checkpoints/ (resume state, about 3x the model) after its export."),
 ) -> None:
