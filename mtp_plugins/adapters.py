@@ -150,9 +150,13 @@ def _gated_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                 return output
             # The B product adds into a float32 copy of the tail in one fused call (addmm), written
             # back once: measurably cheaper per pass than a product and a mixed-dtype add.
-            held = output[:, -tail:].to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-            held.view(-1, held.shape[-1]).addmm_(torch.mm(x[:, -tail:].float().reshape(-1, a.shape[0]), a), b)
-            output[:, -tail:] = held
+            # narrow and copy_, not indexing: a pass calls this for every target projection, and at
+            # batch 1 each tensor call counts.
+            start = output.shape[1] - tail
+            part = output.narrow(1, start, tail)
+            held = part.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            held.view(-1, held.shape[-1]).addmm_(torch.mm(x.narrow(1, start, tail).reshape(-1, a.shape[0]).float(), a), b)
+            part.copy_(held)
             return output
         a, b = getattr(module, _A), getattr(module, _B)
         delta = (F.linear(F.linear(x[:, -tail:], a), b) * module._mtp_scale).to(output.dtype)  # [B, tail, out]

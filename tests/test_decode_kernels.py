@@ -31,6 +31,45 @@ def test_slot_confidence_from_the_passed_maxima_equals_the_computed_one():
     assert torch.equal(given.confidence, computed.confidence)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4), (3, 2), (16, 9)])
+def test_confidence_from_one_reduction_over_all_rows_equals_the_row_by_row_one(dtype, shape):
+    """A pass without drafts hands ``Proposals`` its logits as one [B, P, V] tensor; the confidences
+    from one reduction over it must be exactly those of the separate next-token and slot rows."""
+    batch, proposals = shape
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(batch, proposals, 4099, generator=generator) * 4).to(dtype)
+    top = logits.max(dim=-1)
+    valid = torch.full((batch,), proposals)
+    joined = Proposals(tokens=top.indices, valid=valid, next_logits=logits[:, 0], mask_logits=logits[:, 1:],
+                       _mask_top=top.values[:, 1:], _logits=logits)
+    separate = Proposals(tokens=top.indices, valid=valid, next_logits=logits[:, 0].clone(),
+                         mask_logits=logits[:, 1:].clone())
+    assert torch.equal(joined.confidence, separate.confidence)
+    assert torch.equal(joined.mask_confidence, separate.mask_confidence)
+    torch.testing.assert_close(joined.confidence, torch.softmax(logits.float(), dim=-1).amax(dim=-1))
+
+
+def test_proposals_of_a_pass_without_drafts_are_the_greedy_tokens_and_the_slots():
+    """The engine's shortcut for passes that feed no drafts (views of the logits, one max over all
+    rows) proposes what the general path does: row 0's greedy token, then each slot's."""
+    from mtp_plugins.decoding.engine import _DecodeLoop
+
+    generator = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 4, 301, generator=generator) * 2).round().to(torch.bfloat16)  # ties included
+    loop = _DecodeLoop.__new__(_DecodeLoop)
+    loop.active = [type("Row", (), {"index": i})() for i in (5, 7)]
+    loop.sampler = None
+    got = loop._propose_undrafted(logits)
+    assert torch.equal(got.tokens, logits.argmax(dim=-1))
+    assert got.valid.tolist() == [4, 4] and got.row_index == [5, 7]
+    assert torch.equal(got.next_logits, logits[:, 0]) and torch.equal(got.mask_logits, logits[:, 1:])
+    loop.sampler = lambda rows: torch.tensor([11, 12])  # a sampled proposal 0; the slots stay greedy
+    sampled = loop._propose_undrafted(logits)
+    assert sampled.tokens[:, 0].tolist() == [11, 12] and torch.equal(sampled.tokens[:, 1:], logits[:, 1:].argmax(dim=-1))
+    assert torch.equal(sampled.mask_confidence, got.mask_confidence)
+
+
 def test_the_folded_attention_repeats_the_mask_once_per_pass(monkeypatch):
     model = build_model("llama", 64, num_hidden_layers=3)  # 4 query heads on 2 key/value heads
     ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -41,6 +41,9 @@ class Proposals:
     _confidence: torch.Tensor | None = field(default=None, repr=False)
     _mask_confidence: torch.Tensor | None = field(default=None, repr=False)
     _mask_top: torch.Tensor | None = field(default=None, repr=False)  # [B, P-1]: each slot's largest logit
+    #: [B, P, V]: ``next_logits`` then ``mask_logits`` as one tensor, where the engine has them so
+    #: (then the confidences come from one reduction over it, to the same values)
+    _logits: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -48,6 +51,11 @@ class Proposals:
 
         Computed on first use, so strategies that ignore confidences do not pay for it.
         """
+        if self._confidence is None and self._logits is not None and self._mask_confidence is None:
+            every = self._logits.float()
+            picked = every.gather(-1, self.tokens[..., None]).squeeze(-1)  # [B, P]
+            self._confidence = torch.exp(picked - torch.logsumexp(every, dim=-1))
+            self._mask_confidence = self._confidence[:, 1:]
         if self._confidence is None:
             logits = self.next_logits.float()
             first = torch.exp(logits.gather(1, self.tokens[:, :1]) - torch.logsumexp(logits, dim=-1, keepdim=True))

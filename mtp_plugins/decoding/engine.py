@@ -306,6 +306,8 @@ class _DecodeLoop:
         Returns them and the verified draft count [B]."""
         rows = self.active
         dev = logits.device
+        if not max_drafts:  # no drafts fed (ConfAdapt, static, ar): no verification, no recovery group
+            return self._propose_undrafted(logits), torch.zeros(len(rows), dtype=torch.long, device=dev)
         exact = logits[:, : max_drafts + 1]  # [B, D+1, V]: last decided token, then the drafts
         B, V = logits.shape[0], logits.shape[-1]
         n = (logits.shape[1] - max_drafts - 1) // (1 + groups)  # mask slots per group
@@ -336,6 +338,21 @@ class _DecodeLoop:
         proposals = Proposals(tokens=tokens, valid=valid, next_logits=next_logits, mask_logits=mask_logits,
                               row_index=[r.index for r in rows], _mask_top=top.values)
         return proposals, verified
+
+    def _propose_undrafted(self, logits: torch.Tensor) -> Proposals:
+        """``_propose`` for a pass that fed no drafts: ``logits`` [B, 1 + n, V] are the last decided
+        token's, then the mask slots' (every proposal valid). The same proposals, from views of
+        ``logits`` and one reduction over all of it (every row reduces on its own, as row by row)."""
+        if self.sampler:
+            slots = logits[:, 1:].max(dim=-1)
+            tokens = torch.cat([self.sampler(logits[:, 0]).view(-1, 1), slots.indices], dim=1)
+            mask_top, joined = slots.values, None
+        else:
+            top = logits.max(dim=-1)  # [B, 1 + n]: proposal 0 and the slots' greedy tokens
+            tokens, mask_top, joined = top.indices, top.values[:, 1:], logits
+        valid = torch.full((logits.shape[0],), tokens.shape[1], dtype=torch.long, device=logits.device)
+        return Proposals(tokens=tokens, valid=valid, next_logits=logits[:, 0], mask_logits=logits[:, 1:],
+                         row_index=[r.index for r in self.active], _mask_top=mask_top, _logits=joined)
 
     def _advance(
         self, r: _Row, n_emit: int, n_verified: int, n_valid: int, n_sure: int, proposed: list[int],
