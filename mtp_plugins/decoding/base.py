@@ -51,11 +51,10 @@ class Proposals:
 
         Computed on first use, so strategies that ignore confidences do not pay for it.
         """
-        if self._confidence is None and self._logits is not None and self._mask_confidence is None:
+        if self._confidence is None and self._logits is not None:
             every = self._logits.float()
             picked = every.gather(-1, self.tokens[..., None]).squeeze(-1)  # [B, P]
             self._confidence = torch.exp(picked - torch.logsumexp(every, dim=-1))
-            self._mask_confidence = self._confidence[:, 1:]
         if self._confidence is None:
             logits = self.next_logits.float()
             first = torch.exp(logits.gather(1, self.tokens[:, :1]) - torch.logsumexp(logits, dim=-1, keepdim=True))
@@ -65,6 +64,8 @@ class Proposals:
     @property
     def mask_confidence(self) -> torch.Tensor:
         """[B, P-1] float: the top-1 softmax probability of each mask slot (``confidence[:, 1:]``)."""
+        if self._mask_confidence is None and self._logits is not None:
+            self._mask_confidence = self.confidence[:, 1:]
         if self._mask_confidence is None:
             logits = self.mask_logits.float()
             top = logits.amax(dim=-1) if self._mask_top is None else self._mask_top.float()

@@ -313,17 +313,12 @@ class _DecodeLoop:
         n = (logits.shape[1] - max_drafts - 1) // (1 + groups)  # mask slots per group
         mask_groups = logits[:, max_drafts + 1 :].view(B, 1 + groups, n, V)  # [B, 1+g, n, V]: after the drafts, recovery
         batch = torch.arange(len(rows), device=dev)
-        if max_drafts:
-            greedy = greedy_tokens(exact)  # [B, D+1]; column c predicts the token at column c+1
-            is_draft = torch.arange(max_drafts, device=dev) >= (max_drafts - n_drafts)[:, None]
-            agrees = (drafted == greedy[:, :-1]) | ~is_draft  # [B, D]
-            at = agrees.long().cumprod(dim=1).sum(dim=1)  # [B] column whose logits give the next token
-            verified = at - (max_drafts - n_drafts)
-            all_verified = verified == n_drafts
-        else:
-            at = torch.zeros(len(rows), dtype=torch.long, device=dev)
-            verified = at
-            all_verified = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        greedy = greedy_tokens(exact)  # [B, D+1]; column c predicts the token at column c+1
+        is_draft = torch.arange(max_drafts, device=dev) >= (max_drafts - n_drafts)[:, None]
+        agrees = (drafted == greedy[:, :-1]) | ~is_draft  # [B, D]
+        at = agrees.long().cumprod(dim=1).sum(dim=1)  # [B] column whose logits give the next token
+        verified = at - (max_drafts - n_drafts)
+        all_verified = verified == n_drafts
         next_logits = exact[batch, at]  # [B, V]
         first = self.sampler(next_logits) if self.sampler else greedy_tokens(next_logits)
         # Mask proposals made after a rejected draft continue a wrong prefix, unless a recovery group
@@ -346,13 +341,13 @@ class _DecodeLoop:
         if self.sampler:
             slots = logits[:, 1:].max(dim=-1)
             tokens = torch.cat([self.sampler(logits[:, 0]).view(-1, 1), slots.indices], dim=1)
-            mask_top, joined = slots.values, None
+            known: dict[str, Any] = {"_mask_top": slots.values}
         else:
-            top = logits.max(dim=-1)  # [B, 1 + n]: proposal 0 and the slots' greedy tokens
-            tokens, mask_top, joined = top.indices, top.values[:, 1:], logits
+            tokens = logits.max(dim=-1).indices  # [B, 1 + n]: proposal 0 and the slots' greedy tokens
+            known = {"_logits": logits}  # every proposal is its row's greedy token
         valid = torch.full((logits.shape[0],), tokens.shape[1], dtype=torch.long, device=logits.device)
         return Proposals(tokens=tokens, valid=valid, next_logits=logits[:, 0], mask_logits=logits[:, 1:],
-                         row_index=[r.index for r in self.active], _mask_top=mask_top, _logits=joined)
+                         row_index=[r.index for r in self.active], **known)
 
     def _advance(
         self, r: _Row, n_emit: int, n_verified: int, n_valid: int, n_sure: int, proposed: list[int],
