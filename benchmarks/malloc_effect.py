@@ -1,16 +1,20 @@
-"""What glibc malloc tuning (``mtp_plugins/allocator.py``) does to batch-1 decoding on this CPU.
+"""What glibc malloc tuning (``mtp_plugins/allocator.py``) does to decoding and training on this CPU.
 
 The setting is per process (glibc's dynamic mmap threshold cannot be restored once set), so each
-measurement is a child process, with glibc's defaults (``MTP_PLUGINS_MALLOC=0``) or tuned,
-alternating, the order rotated per round. A child times, at batch 1 on the demo task's prompts
-(synthetic_gsm_easy with its shots), bf16: the prompt's prefill, HF ``generate`` (greedy, a fixed
-number of new tokens, EOS ignored) and the engine's ``ar`` and ``confadapt`` (k 4, tau 0.9), and
-returns its tokens, which must be the same under both settings.
+measurement is a child process, with glibc's defaults (``MTP_PLUGINS_MALLOC=0``), the thresholds
+this project used before (64 MiB mmap, 256 MiB trim, through glibc's own variables) or tuned (the
+current ones), the order rotated per round. A decoding child times, at batch 1 on the demo task's
+prompts (synthetic_gsm_easy with its shots), bf16: the prompt's prefill, HF ``generate`` (greedy, a
+fixed number of new tokens, EOS ignored) and the engine's ``ar`` and ``confadapt`` (k 4, tau 0.9),
+and returns its tokens, which must be the same under every setting. A training child takes the demo
+recipe's first steps (``smollm2-demo``, gated adapters, bf16) on SmolLM2-135M-Instruct, times the
+steps after two warm-up steps and returns the losses and a hash of the trained weights (the same
+under every setting) and its peak resident memory.
 
     python benchmarks/malloc_effect.py [--model mtp-demo/distilled] --out benchmarks/results/malloc_effect.md
 
-Default model: SmolLM2-135M-Instruct with a mask token added in memory (untrained: ``confadapt``
-then emits about one token a pass, which still times a pass of 1 + 3 mask slots).
+Default model of the decoding child: SmolLM2-135M-Instruct with a mask token added in memory
+(untrained: ``confadapt`` then emits about one token a pass, which still times a pass of 1 + 3 mask slots).
 """
 
 from __future__ import annotations
@@ -25,11 +29,41 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {"glibc defaults": {"MTP_PLUGINS_MALLOC": "0"}, "tuned": {"MTP_PLUGINS_MALLOC": "1"}}
-METHODS = ("prefill", "HF generate", "engine ar", "confadapt k=4 tau=0.9")
+SETTINGS = {"glibc defaults": {"MTP_PLUGINS_MALLOC": "0"},
+            "64 / 256 MiB (before)": {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)},
+            "tuned": {"MTP_PLUGINS_MALLOC": "1"}}
+DECODING = ("prefill", "HF generate", "engine ar", "confadapt k=4 tau=0.9")
+TRAINING = "demo training step"
+WARMUP_STEPS = 2
 
 
-def child(args: argparse.Namespace) -> None:
+def train_child(args: argparse.Namespace) -> None:
+    """The demo recipe's first steps: seconds per step, losses, trained-weight hash, peak RSS."""
+    import resource
+    import tempfile
+
+    from common import MALLOC
+
+    from mtp_plugins.smollm2 import prepare_smollm2
+    from train_cli.config import build_config
+    from train_cli.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(build_config("smollm2-demo", model=str(prepare_smollm2()), output_dir=out, max_steps=1000))
+        trainer.setup()
+        steps = [trainer.train_step() for _ in range(WARMUP_STEPS + args.train_steps)]
+    weights = hashlib.sha256()
+    for _, p in sorted(trainer.student.named_parameters()):
+        if p.requires_grad:
+            weights.update(p.detach().float().numpy().tobytes())
+    timed = steps[WARMUP_STEPS:]
+    print(json.dumps({"malloc": MALLOC.describe(), "state": MALLOC.state, TRAINING: {
+        "seconds": sum(m["seconds"] for m in timed), "steps": len(timed),
+        "sha256": hashlib.sha256((json.dumps([m["loss"] for m in steps]) + weights.hexdigest()).encode()).hexdigest(),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
+
+
+def decode_child(args: argparse.Namespace) -> None:
     import torch
     from common import MALLOC, demo_prompts, load_mtp_model
 
@@ -59,7 +93,7 @@ def child(args: argparse.Namespace) -> None:
             return out.sequences[0].tolist(), out.stats.tokens, out.stats.forward_passes
         return run
 
-    runs = dict(zip(METHODS, (prefill, hf, engine("ar", 1), engine("confadapt", 4))))
+    runs = dict(zip(DECODING, (prefill, hf, engine("ar", 1), engine("confadapt", 4))))
     for run in runs.values():  # warm-up
         run(prompts[0])
     result = {"malloc": MALLOC.describe(), "state": MALLOC.state}
@@ -80,56 +114,80 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="An MTP checkpoint or adapter [default: SmolLM2, untrained]")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--train-steps", type=int, default=6, help="Timed demo training steps (0: no training child)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("decode", "train"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return child(args)
+    if args.child == "decode":
+        return decode_child(args)
+    if args.child == "train":
+        return train_child(args)
 
     from common import header, publish
 
     here = Path(__file__).resolve().parent
-    command = [sys.executable, str(here / "malloc_effect.py"), "--child", "--prompts", str(args.prompts),
-               "--max-new-tokens", str(args.max_new_tokens)] + (["--model", args.model] if args.model else [])
-    results = {name: [] for name in SETTINGS}
+    common = ["--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens), "--train-steps",
+              str(args.train_steps)] + (["--model", args.model] if args.model else [])
+    children = {"decode": DECODING} | ({"train": (TRAINING,)} if args.train_steps > 0 else {})
+    methods = [m for ms in children.values() for m in ms]
+    results: dict[str, list[dict]] = {name: [{} for _ in range(args.rounds)] for name in SETTINGS}
     for round_ in range(args.rounds):
-        order = list(SETTINGS) if round_ % 2 == 0 else list(reversed(SETTINGS))
-        for name in order:
-            environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | SETTINGS[name]
-            proc = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=here, check=False)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stderr[-3000:])
-            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"round {round_ + 1} {name}: " + ", ".join(
-                f"{m} {results[name][-1][m]['seconds']:.2f} s" for m in METHODS), file=sys.stderr, flush=True)
+        shift = round_ % len(SETTINGS)
+        order = list(SETTINGS)[shift:] + list(SETTINGS)[:shift]
+        for kind in children:
+            for name in order:
+                environment = ({k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "MTP_PLUGINS_MALLOC"}
+                               | SETTINGS[name])
+                proc = subprocess.run([sys.executable, str(here / "malloc_effect.py"), "--child", kind, *common],
+                                      capture_output=True, text=True, env=environment, cwd=here, check=False)
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stderr[-3000:])
+                results[name][round_].update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"round {round_ + 1} {name}: " + ", ".join(
+                    f"{m} {results[name][round_][m]['seconds']:.2f} s" for m in children[kind]), file=sys.stderr, flush=True)
 
     def per_unit(name: str, method: str) -> list[float]:
-        """ms per prompt (prefill), per token (HF generate), per pass (engine), one value per round."""
+        """ms per prompt (prefill), per token (HF generate), per pass (engine), s per step (training); one per round."""
         rows = [r[method] for r in results[name]]
         if method == "prefill":
             return [1000 * r["seconds"] / args.prompts for r in rows]
         if method == "HF generate":
             return [1000 * r["seconds"] / r["tokens"] for r in rows]
+        if method == TRAINING:
+            return [r["seconds"] / r["steps"] for r in rows]
         return [1000 * r["seconds"] / r["passes"] for r in rows]
 
-    base, tuned = SETTINGS
-    lines = header("glibc malloc tuning: batch-1 decoding with glibc's defaults and tuned")
-    lines += [f"Prompts: the first {args.prompts} of synthetic_gsm_easy with its shots; {args.max_new_tokens} new tokens each "
-              f"(EOS ignored), bf16, batch 1; model: {args.model or 'SmolLM2-135M-Instruct (untrained mask token)'}; "
-              f"{args.rounds} rounds, each setting its own process, alternating. Tuned: {results[tuned][0]['malloc']}.", "",
-              "| | unit | glibc defaults | tuned | defaults / tuned | same tokens |", "|---|---|---|---|---|---|"]
-    units = {"prefill": "ms / prompt", "HF generate": "ms / token", "engine ar": "ms / pass", "confadapt k=4 tau=0.9": "ms / pass"}
-    for method in METHODS:
-        a, b = per_unit(base, method), per_unit(tuned, method)
-        ratios = sorted(x / y for x, y in zip(a, b))
-        hashes = {r[method]["sha256"] for name in SETTINGS for r in results[name]}
-        same = "yes" if len(hashes) == 1 else f"NO ({len(hashes)} different)"
-        lines.append(f"| {method} | {units[method]} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
-                     f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}..{ratios[-1]:.2f}) | {same if method != 'prefill' else '-'} |")
-    for name in SETTINGS:
+    def ratio(a: list[float], b: list[float]) -> str:
+        values = sorted(x / y for x, y in zip(a, b))
+        return f"{statistics.median(values):.2f}x ({values[0]:.2f}..{values[-1]:.2f})"
+
+    names = list(SETTINGS)
+    tuned = names[-1]
+    lines = header("glibc malloc tuning: decoding and a training step under glibc's defaults, the earlier thresholds and tuned")
+    lines += [f"Decoding: the first {args.prompts} prompts of synthetic_gsm_easy with its shots; {args.max_new_tokens} new tokens "
+              f"each (EOS ignored), bf16, batch 1; model: {args.model or 'SmolLM2-135M-Instruct (untrained mask token)'}. "
+              + (f"Training: the demo recipe (smollm2-demo) on SmolLM2-135M-Instruct, {args.train_steps} steps timed after "
+                 f"{WARMUP_STEPS} warm-up steps. " if args.train_steps > 0 else "")
+              + f"{args.rounds} rounds, each setting its own process, the order rotated per round. "
+              f"Tuned: {results[tuned][0]['malloc']}; before: {results[names[1]][0]['malloc']}.", "",
+              "| | unit | " + " | ".join(names) + " | " + " | ".join(f"{n} / tuned" for n in names[:-1]) + " | same result |",
+              "|---|---|" + "---|" * (2 * len(names))]
+    units = {"prefill": "ms / prompt", "HF generate": "ms / token", "engine ar": "ms / pass",
+             "confadapt k=4 tau=0.9": "ms / pass", TRAINING: "s / step"}
+    for method in methods:
+        values = {name: per_unit(name, method) for name in names}
+        hashes = {r[method]["sha256"] for name in names for r in results[name]} if method != "prefill" else set()
+        same = "-" if method == "prefill" else "yes" if len(hashes) == 1 else f"NO ({len(hashes)} different)"
+        lines.append(f"| {method} | {units[method]} | " + " | ".join(f"{statistics.median(v):.2f}" for v in values.values())
+                     + " | " + " | ".join(ratio(values[n], values[tuned]) for n in names[:-1]) + f" | {same} |")
+    lines.append("")
+    for name in names:
         eff = [r["confadapt k=4 tau=0.9"]["tokens"] / r["confadapt k=4 tau=0.9"]["passes"] for r in results[name]]
-        lines.append(f"\n{name}: confadapt Eff. k {statistics.median(eff):.2f}.")
+        rss = [r[TRAINING]["peak_rss_gb"] for r in results[name]] if args.train_steps > 0 else []
+        lines.append(f"- {name}: confadapt Eff. k {statistics.median(eff):.2f}"
+                     + (f"; training child's peak RSS {max(rss):.2f} GB" if rss else "") + ".")
+    lines += ["", "Same result: decoding, the generated tokens; training, every step's loss and the trained weights (sha256)."]
     publish(lines, args.out)
 
 

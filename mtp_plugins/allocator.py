@@ -1,20 +1,28 @@
-"""glibc malloc settings for CPU decoding: keep growing KV-cache buffers off mmap.
+"""glibc malloc settings for CPU work: keep large, short-lived buffers off mmap.
 
-Each decode step of a Hugging Face ``DynamicCache`` concatenates every layer's keys and values into
-new buffers a little larger than the last. Past glibc's mmap threshold (128 KiB at start, e.g.
-SmolLM2-135M's per-layer K/V at ~300 prompt tokens in bfloat16), each buffer is a fresh ``mmap`` and
-its release a ``munmap``, and the dynamic threshold never catches up with buffers that keep
-growing: every step pays system calls and page faults. What that costs depends on the host: on one
-2-core VM a batch-1 forward of a 4-shot demo prompt took 25 ms instead of 22 ms, on another HF
-generate was 1.03x slower a token (``benchmarks/results/malloc_effect.md``).
+glibc serves a request above its mmap threshold (128 KiB at start, raised dynamically to at most
+32 MiB) with a fresh ``mmap``, and its release with a ``munmap``: the next buffer of that size is
+mapped again and every page of it faults in (the kernel zeroes it) on first touch. Two workloads of
+this product pay for that on every step:
 
-:func:`tune_malloc` raises the mmap threshold to 64 MiB and the trim threshold to 256 MiB through
-``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` do when set before start),
-for the whole process: the ``hf`` rows of a sweep run under the same allocator as the ``mtp`` rows.
-It changes speed and memory held (freed memory is reused rather than returned at once; a training
-run's peak RSS rose 3%), never a result. Our commands call it at start; set
-``MTP_PLUGINS_MALLOC=0`` to leave glibc's defaults. It does nothing where the C library is not
-glibc, and leaves the thresholds alone when either environment variable was set by the user.
+- decoding: each step of a Hugging Face ``DynamicCache`` concatenates every layer's keys and values
+  into new buffers a little larger than the last (past 128 KiB, e.g. SmolLM2-135M's per-layer K/V at
+  ~300 prompt tokens in bfloat16), and the dynamic threshold never catches up with buffers that
+  keep growing. What that costs depends on the host: 1.03x a token of HF generate on one 2-core VM;
+- training: a distillation step makes and frees float32 logits over the vocabulary for every
+  supervised position (the demo's: ``[8, 96, 49153]``, 151 MB, several per step). Above 64 MiB
+  (this module's earlier threshold) each was a fresh mapping: on a 2-core AMD EPYC the demo's step
+  took about 4.0 s against 2.5 s with the thresholds below, the trained weights bit for bit the
+  same (``benchmarks/results/malloc_effect.md``).
+
+:func:`tune_malloc` raises the mmap threshold to 1 GiB and the trim threshold to the largest
+``mallopt`` takes (2 GiB - 1) through ``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` do when set before start), for the whole process: the ``hf`` rows of a
+sweep run under the same allocator as the ``mtp`` rows. It changes speed and memory held (freed
+memory is kept for reuse rather than returned at once: the demo training's peak RSS rose from 2.7
+to 3.2 GB), never a result. Our commands call it at start; set ``MTP_PLUGINS_MALLOC=0`` to leave
+glibc's defaults. It does nothing where the C library is not glibc, and leaves the thresholds
+alone when either environment variable was set by the user.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from dataclasses import asdict, dataclass
 ENV = "MTP_PLUGINS_MALLOC"
 #: glibc's own variables; when the user set either, their values stand.
 GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-MMAP_THRESHOLD = 64 << 20
-TRIM_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 1 << 30
+#: mallopt takes an int: the largest it can be (about 2 GiB).
+TRIM_THRESHOLD = (1 << 31) - 1
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

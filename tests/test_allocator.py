@@ -16,10 +16,12 @@ from mtp_plugins import allocator
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-#: Allocates 1 MiB with C malloc and says whether it became its own mmap region (mallinfo2's hblks),
-#: after calling tune_malloc() or, with --app, after running a Typer command through run_app.
+#: Allocates 1 MiB (or --size=BYTES) with C malloc and says whether it became its own mmap region
+#: (mallinfo2's hblks), after calling tune_malloc() or, with --app, after running a Typer command
+#: through run_app.
 PROBE = r"""
 import ctypes, json, sys
+size = int(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--size=")), 1 << 20))
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -40,7 +42,7 @@ if "--app" in sys.argv:
     def noop() -> None:
         pass
 
-    sys.argv = ["probe"]
+    sys.argv = ["probe"]  # run_app parses it
     try:
         run_app(app, "probe", ())
     except SystemExit:
@@ -49,7 +51,7 @@ if "--app" in sys.argv:
 else:
     setting = allocator.tune_malloc()
 before = libc.mallinfo2().hblks
-block = libc.malloc(1 << 20)
+block = libc.malloc(size)
 mapped = libc.mallinfo2().hblks - before
 libc.free(block)
 print(json.dumps({"setting": setting.to_json(), "describe": setting.describe(), "mapped": mapped}))
@@ -71,9 +73,19 @@ def test_a_1_mib_block_is_mapped_by_default_and_kept_in_the_heap_once_tuned():
     assert off["setting"] == {"state": "off", "mmap_threshold": None, "trim_threshold": None}
     assert off["mapped"] == 1  # glibc's default threshold (128 KiB): its own mmap region
     tuned = probe()
-    assert tuned["setting"] == {"state": "tuned", "mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
+    assert tuned["setting"] == {"state": "tuned", "mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1}
     assert tuned["mapped"] == 0
-    assert tuned["describe"].startswith("glibc malloc tuned by mtp-plugins: mmap threshold 64 MiB, trim threshold 256 MiB")
+    assert tuned["describe"].startswith("glibc malloc tuned by mtp-plugins: mmap threshold 1024 MiB, trim threshold 2047 MiB")
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")
+def test_a_training_steps_vocabulary_sized_logits_stay_in_the_heap_once_tuned():
+    # The demo step's float32 logits [8, 96, 49153] are 151 MB: above glibc's largest dynamic
+    # threshold (32 MiB) and the 64 MiB this module set before, each was a fresh mapping.
+    size = f"--size={8 * 96 * 49153 * 4}"
+    assert probe(size, **{allocator.ENV: "0"})["mapped"] == 1
+    assert probe(size, MALLOC_MMAP_THRESHOLD_=str(64 << 20))["mapped"] == 1
+    assert probe(size)["mapped"] == 0
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")

@@ -249,6 +249,7 @@ class FakeLM:
 
     def __init__(self, name: str, cost: float, clock: dict, log: list, slow_after: int = 6) -> None:
         self.name, self.cost, self.clock, self.log, self.slow_after = name, cost, clock, log, slow_after
+        self.lengths: list[int] = []  # new tokens asked for, per call
         import torch
 
         self.device = torch.device("cpu")
@@ -271,6 +272,7 @@ class FakeLM:
         import torch
 
         self.log.append(self.name)
+        self.lengths.append(max_length - context.shape[1])
         calls = len(self.log)
         load = 1.0 if calls <= self.slow_after else 3.0  # the machine gets three times slower midway
         self.clock["now"] += self.cost * load
@@ -282,11 +284,14 @@ def test_timed_speed_ups_are_interleaved_and_survive_a_load_change(monkeypatch):
 
     clock, log = {"now": 0.0}, []
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(timing, "WARMUP_TOKENS", 3)
     lms = {"hf": FakeLM("hf", 2.0, clock, log), "fast": FakeLM("fast", 1.0, clock, log)}
     prompts = timing.TimingPrompts(["q1", "q2"], {"until": ["\n"], "max_gen_toks": 4})
     runs = timing.time_points(lms, prompts, [2], repeats=5, count=len, say=lambda line: None)
     # warm-up of each, then rounds with the order rotated: hf fast, fast hf, hf fast, ...
     assert log == ["hf", "fast", "hf", "fast", "fast", "hf", "hf", "fast", "fast", "hf", "hf", "fast"]
+    # the warm-up batch asks for WARMUP_TOKENS new tokens, the timed ones for the task's max_gen_toks
+    assert lms["hf"].lengths == lms["fast"].lengths == [3] + [4] * 5
     per_point = runs["2"]
     assert [len(per_point[n]["seconds"]) for n in ("hf", "fast")] == [5, 5] and per_point["fast"]["tokens"] == [8] * 5
     summary = timing.summarize(per_point, "hf")

@@ -67,9 +67,10 @@ def test_sweep_on_the_offline_task_writes_report_and_plot_and_resumes(tiny_check
     median, low, high = timing["summary"]["1"]["static-k2"]["tokens_per_second"]
     assert low <= median <= high and f"{median:.1f} ({low:.1f}..{high:.1f})" == rows["static-k2"]["tokens/s, batch 1"]
     assert rows["hf"]["speed-up vs hf, batch 2"] == "1.00x (1.00..1.00)"
+    assert timing["warmup_tokens"] == 16 and "warm-up batch each (at most 16 new tokens)" in (out / "report.md").read_text()
     # The allocator the timings ran under (mtp-sweep tunes glibc malloc at start) is recorded and reported.
     if platform.libc_ver()[0] == "glibc":
-        assert timing["key"]["malloc"] == {"state": "tuned", "mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
+        assert timing["key"]["malloc"] == {"state": "tuned", "mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1}
         assert timing["malloc"] in (out / "report.md").read_text() and timing["malloc"].startswith("glibc malloc tuned")
     png = (out / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -198,6 +199,15 @@ def test_verify_points_record_their_recovery():
     assert any("1 recovery group(s)" in line for line in _notes(None, [1]))
     assert not any("recovery" in line for line in _notes(None, [0]))
     assert [p.name for p in plan([0.9], [], 4, include_hf=False)] == ["ar", "confadapt-tau0.9"]  # no lookups: no verify
+
+
+def test_the_report_states_the_warm_up_the_timing_recorded():
+    from mtp_plugins.lm_eval.sweep_report import _notes
+
+    timing = fake_timing(fake_records())
+    assert any("3 rounds after one warm-up batch each, the points" in line for line in _notes(timing))  # not recorded
+    timing["warmup_tokens"] = 16
+    assert any("3 rounds after one warm-up batch each (at most 16 new tokens), the points" in line for line in _notes(timing))
 
 
 def test_check_numbers_reads_verify_lookups():

@@ -47,8 +47,9 @@ DEFAULT_TAUS = "0.99,0.95,0.9,0.8,0.6"
 DEFAULT_STATIC = "2,3,4"
 DEFAULT_VERIFY_LOOKUP = "0,3"
 #: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch;
-#: 3 interleaves the points batch by batch within a round; 4 records (and is keyed on) the allocator.
-TIMING_VERSION = 4
+#: 3 interleaves the points batch by batch within a round; 4 records (and is keyed on) the allocator;
+#: 5 warms up with a short generation (timing.WARMUP_TOKENS new tokens).
+TIMING_VERSION = 5
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
 
@@ -320,7 +321,8 @@ class Sweep:
                               for name, row in spreads.items()}
         result = {"key": key, "batch_sizes": batch_sizes, "reference": reference,
                   "prompts": {str(b): len(prompts.at(b)) for b in batch_sizes},
-                  "repeats": self.timing_repeats, "malloc": allocator.current().describe(), "runs": runs, "summary": summary}
+                  "repeats": self.timing_repeats, "warmup_tokens": timing.WARMUP_TOKENS,
+                  "malloc": allocator.current().describe(), "runs": runs, "summary": summary}
         write_atomic(path, json.dumps(result, indent=1))
         return result
 
