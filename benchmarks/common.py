@@ -31,8 +31,10 @@ LLAMA_3_2_1B = dict(
 TINY = dict(LLAMA_3_2_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
 
-# The benchmarks run under the allocator our commands use (mtp_plugins/allocator.py); the machine line says which.
-MALLOC = tune_malloc()
+# The benchmarks run under the allocator our commands use (mtp_plugins/allocator.py): mtp-train's for
+# the training benchmarks, the decoding commands' for the rest; the machine line says which.
+TRAINING_BENCHMARKS = {"train_step_cost", "distill_smollm2", "adapter_targets"}
+MALLOC = tune_malloc("train" if Path(sys.argv[0]).stem in TRAINING_BENCHMARKS else "decode")
 
 
 def gsm8k_prompts(directory: Path, n: int, shots: int) -> list[str]:

@@ -12,17 +12,22 @@ this product pay for that on every step:
 - training: a distillation step makes and frees float32 logits over the vocabulary for every
   supervised position (the demo's: ``[8, 96, 49153]``, 151 MB, several per step). Above 64 MiB
   (this module's earlier threshold) each was a fresh mapping: on a 2-core AMD EPYC the demo's step
-  took about 4.0 s against 2.5 s with the thresholds below, the trained weights bit for bit the
-  same (``benchmarks/results/malloc_effect.md``).
+  took 3.7-3.8 s against 2.5 s with the training thresholds below while the host's page faults were
+  dear (the same in both at another hour, when they were cheap), every step's loss and gradient
+  norm the same (``benchmarks/results/malloc_effect.md``; at 1 thread the trained weights too, bit
+  for bit).
 
-:func:`tune_malloc` raises the mmap threshold to 1 GiB and the trim threshold to the largest
-``mallopt`` takes (2 GiB - 1) through ``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` /
-``MALLOC_TRIM_THRESHOLD_`` do when set before start), for the whole process: the ``hf`` rows of a
-sweep run under the same allocator as the ``mtp`` rows. It changes speed and memory held (freed
-memory is kept for reuse rather than returned at once: the demo training's peak RSS rose from 2.7
-to 3.2 GB), never a result. Our commands call it at start; set ``MTP_PLUGINS_MALLOC=0`` to leave
-glibc's defaults. It does nothing where the C library is not glibc, and leaves the thresholds
-alone when either environment variable was set by the user.
+:func:`tune_malloc` raises the thresholds through ``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` do when set before start), for the whole process, by workload: a decoding
+command (``mtp-sweep``, ``mtp-lm-eval``) to 64 MiB mmap and 256 MiB trim, ``mtp-train`` to 1 GiB
+and 2 GiB - 1 (the largest ``mallopt`` takes). Decoding keeps the smaller ones: under the training
+values its batch-1 prefill and HF generate were slower on the same host (0.79x and 0.88x, two
+benchmark runs agreeing). A sweep's ``hf`` rows run under the same allocator as its ``mtp`` rows.
+It changes speed and memory held (freed memory is kept for reuse rather than returned at once: a
+demo training step's peak RSS rose from 2.7 to 3.2 GB), never a computed value. Our commands call it
+at start; set ``MTP_PLUGINS_MALLOC=0`` to leave glibc's defaults. It does nothing where the C
+library is not glibc, and leaves the thresholds alone when either environment variable was set by
+the user.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from dataclasses import asdict, dataclass
 ENV = "MTP_PLUGINS_MALLOC"
 #: glibc's own variables; when the user set either, their values stand.
 GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-MMAP_THRESHOLD = 1 << 30
-#: mallopt takes an int: the largest it can be (about 2 GiB).
-TRIM_THRESHOLD = (1 << 31) - 1
+#: (mmap threshold, trim threshold) per workload. Decoding: large enough for growing KV-cache
+#: buffers. Training: above the vocabulary logits of a step as well (trim: the largest int mallopt
+#: takes). Decoding keeps its own: under the training values batch-1 prefill and HF generate measured
+#: 0.79x and 0.88x the speed on a 2-core EPYC (``benchmarks/results/malloc_effect.md``).
+THRESHOLDS = {"decode": (64 << 20, 256 << 20), "train": (1 << 30, (1 << 31) - 1)}
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -94,11 +101,13 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def tune_malloc() -> MallocSetting:
-    """Apply the thresholds once per process (later calls return the first outcome)."""
+def tune_malloc(workload: str = "decode") -> MallocSetting:
+    """Apply the thresholds of ``workload`` (a key of ``THRESHOLDS``) once per process (later calls
+    return the first outcome, whatever they ask for)."""
     global _applied
     if _applied is not None:
         return _applied
+    mmap_threshold, trim_threshold = THRESHOLDS[workload]
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         _applied = MallocSetting("off")
     elif any(name in os.environ for name in GLIBC_ENV):
@@ -106,8 +115,8 @@ def tune_malloc() -> MallocSetting:
     else:
         libc = _glibc()
         mallopt = getattr(libc, "mallopt", None) if libc is not None else None
-        if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
-            _applied = MallocSetting("tuned", MMAP_THRESHOLD, TRIM_THRESHOLD)
+        if mallopt is not None and mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1:
+            _applied = MallocSetting("tuned", mmap_threshold, trim_threshold)
         else:
             _applied = MallocSetting("unavailable")
     return _applied

@@ -6,16 +6,18 @@ import sys
 from typing import Any
 
 
-def run_app(app: Any, program: str, user_errors: tuple[type[BaseException], ...], interrupted: str = "interrupted") -> None:
+def run_app(app: Any, program: str, user_errors: tuple[type[BaseException], ...], interrupted: str = "interrupted",
+            workload: str = "decode") -> None:
     """Run ``app``; a user error becomes one line ``PROGRAM: error: ...`` and exit status 2 (no
     traceback), click's usage errors keep their own message and status, Ctrl-C exits 130. The
-    process's allocator is tuned first (``allocator.py``; ``MTP_PLUGINS_MALLOC=0`` to keep glibc's)."""
+    process's allocator is tuned first, for ``workload`` (``allocator.py``; ``MTP_PLUGINS_MALLOC=0`` to
+    keep glibc's)."""
     import click
     import typer
 
     from mtp_plugins.allocator import tune_malloc
 
-    tune_malloc()
+    tune_malloc(workload)
 
     # Typer >= 0.24 vendors click: its usage errors derive from its own copy of ClickException.
     usage_errors = tuple({click.ClickException, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})

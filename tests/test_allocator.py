@@ -49,7 +49,7 @@ if "--app" in sys.argv:
         pass
     setting = allocator.current()
 else:
-    setting = allocator.tune_malloc()
+    setting = allocator.tune_malloc("train" if "--train" in sys.argv else "decode")
 before = libc.mallinfo2().hblks
 block = libc.malloc(size)
 mapped = libc.mallinfo2().hblks - before
@@ -73,19 +73,34 @@ def test_a_1_mib_block_is_mapped_by_default_and_kept_in_the_heap_once_tuned():
     assert off["setting"] == {"state": "off", "mmap_threshold": None, "trim_threshold": None}
     assert off["mapped"] == 1  # glibc's default threshold (128 KiB): its own mmap region
     tuned = probe()
-    assert tuned["setting"] == {"state": "tuned", "mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1}
+    assert tuned["setting"] == {"state": "tuned", "mmap_threshold": 64 << 20, "trim_threshold": 256 << 20}
     assert tuned["mapped"] == 0
-    assert tuned["describe"].startswith("glibc malloc tuned by mtp-plugins: mmap threshold 1024 MiB, trim threshold 2047 MiB")
+    assert tuned["describe"].startswith("glibc malloc tuned by mtp-plugins: mmap threshold 64 MiB, trim threshold 256 MiB")
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")
-def test_a_training_steps_vocabulary_sized_logits_stay_in_the_heap_once_tuned():
+def test_a_training_steps_vocabulary_sized_logits_stay_in_the_heap_under_the_training_thresholds():
     # The demo step's float32 logits [8, 96, 49153] are 151 MB: above glibc's largest dynamic
-    # threshold (32 MiB) and the 64 MiB this module set before, each was a fresh mapping.
+    # threshold (32 MiB) and the decoding threshold (64 MiB), each is a fresh mapping there.
     size = f"--size={8 * 96 * 49153 * 4}"
     assert probe(size, **{allocator.ENV: "0"})["mapped"] == 1
-    assert probe(size, MALLOC_MMAP_THRESHOLD_=str(64 << 20))["mapped"] == 1
-    assert probe(size)["mapped"] == 0
+    assert probe(size)["mapped"] == 1
+    train = probe(size, "--train")
+    assert train["mapped"] == 0
+    assert train["setting"] == {"state": "tuned", "mmap_threshold": 1 << 30, "trim_threshold": (1 << 31) - 1}
+
+
+def test_mtp_train_runs_under_the_training_thresholds_and_the_others_under_decodings(monkeypatch):
+    import mtp_plugins.console as console
+    import train_cli.app
+    import train_cli.demo
+    from mtp_plugins.lm_eval import sweep
+
+    calls = []
+    monkeypatch.setattr(console, "run_app", lambda app, program, *args, **kwargs: calls.append((program, kwargs.get("workload", "decode"))))
+    for main in (train_cli.app.main, train_cli.demo.main, sweep.main):
+        main()
+    assert calls == [("mtp-train", "train"), ("mtp-demo", "decode"), ("mtp-sweep", "decode")]
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt and mallinfo2")

@@ -238,7 +238,7 @@ def main() -> None:
     if interrupted:
         print(STARTUP_INTERRUPTED, file=sys.stderr)
         sys.exit(130)
-    run_app(app, "mtp-train", (ConfigError, PluginError, CheckpointError, NonFiniteLoss))
+    run_app(app, "mtp-train", (ConfigError, PluginError, CheckpointError, NonFiniteLoss), workload="train")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The fallback for environments where the ``.pth`` startup shim does not run (site
 files disabled, ``python -S``, ``MTP_PLUGINS_LM_EVAL_SHIM=0``): same flags as ``lm_eval``. A bad
 ``--model_args`` value of ``mtp`` is one line ``mtp-lm-eval: error: ...`` and exit status 2. Like
 our other commands it tunes glibc malloc at start (``mtp_plugins/allocator.py``); plain ``lm_eval``
-gets the same with ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647`` set.
+gets the same with ``MALLOC_MMAP_THRESHOLD_=67108864 MALLOC_TRIM_THRESHOLD_=268435456`` set.
 """
 
 from __future__ import annotations
