@@ -8,8 +8,9 @@ prompts (synthetic_gsm_easy with its shots), bf16: the prompt's prefill, HF ``ge
 fixed number of new tokens, EOS ignored) and the engine's ``ar`` and ``confadapt`` (k 4, tau 0.9),
 and returns its tokens, which must be the same under every setting. A training child takes the demo
 recipe's first steps (``smollm2-demo``, gated adapters, bf16) on SmolLM2-135M-Instruct, times the
-steps after two warm-up steps and returns every step's loss and gradient norm (the same under every
-setting) and its peak resident memory.
+steps after two warm-up steps and returns every step's loss and gradient norm and its peak
+resident memory (at 2 threads a training is not bitwise repeatable from run to run, so "same
+result" can read NO for training under any setting; at 1 thread it repeats).
 
     python benchmarks/malloc_effect.py [--model mtp-demo/distilled] --out benchmarks/results/malloc_effect.md
 
@@ -60,8 +61,8 @@ def train_child(args: argparse.Namespace) -> None:
         trainer.setup()
         steps = [trainer.train_step() for _ in range(WARMUP_STEPS + args.train_steps)]
     timed = steps[WARMUP_STEPS:]
-    # Every step's loss and gradient norm, exactly (the trained weights themselves differ from run to
-    # run by ~1e-9 at 2 threads under any one setting, which would hide nothing about the allocator).
+    # Every step's loss and gradient norm, exactly (at 2 threads they, and the weights, can differ
+    # from run to run by ~1e-9 under any one setting: not the allocator's doing).
     trace = json.dumps([[m["loss"], m["grad_norm"]] for m in steps])
     print(json.dumps({"malloc": MALLOC.describe(), "state": MALLOC.state, TRAINING: {
         "seconds": sum(m["seconds"] for m in timed), "steps": len(timed),

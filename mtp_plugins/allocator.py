@@ -12,17 +12,18 @@ this product pay for that on every step:
 - training: a distillation step makes and frees float32 logits over the vocabulary for every
   supervised position (the demo's: ``[8, 96, 49153]``, 151 MB, several per step). Above 64 MiB
   (this module's earlier threshold) each was a fresh mapping: on a 2-core AMD EPYC the demo's step
-  took 3.7-3.8 s against 2.5 s with the training thresholds below while the host's page faults were
-  dear (the same in both at another hour, when they were cheap), every step's loss and gradient
-  norm the same (``benchmarks/results/malloc_effect.md``; at 1 thread the trained weights too, bit
-  for bit).
+  took 3.4-3.8 s against 2.3-2.5 s with the training thresholds below in two of three benchmark
+  runs (the same in both in the third, at an hour when its page faults were cheap;
+  ``benchmarks/results/malloc_effect.md``). No value changes: at 1 thread the trained weights were
+  bit for bit the same under every setting (at 2 threads training is not bitwise repeatable from
+  run to run under any one setting).
 
 :func:`tune_malloc` raises the thresholds through ``mallopt`` (what ``MALLOC_MMAP_THRESHOLD_`` /
 ``MALLOC_TRIM_THRESHOLD_`` do when set before start), for the whole process, by workload: a decoding
 command (``mtp-sweep``, ``mtp-lm-eval``) to 64 MiB mmap and 256 MiB trim, ``mtp-train`` to 1 GiB
 and 2 GiB - 1 (the largest ``mallopt`` takes). Decoding keeps the smaller ones: under the training
-values its batch-1 prefill and HF generate were slower on the same host (0.79x and 0.88x, two
-benchmark runs agreeing). A sweep's ``hf`` rows run under the same allocator as its ``mtp`` rows.
+values batch-1 decoding was slower in two of three benchmark runs on the same host (prefill 0.79x
+twice; the third run: 1.06x, but the engine's passes 0.84-0.91x). A sweep's ``hf`` rows run under the same allocator as its ``mtp`` rows.
 It changes speed and memory held (freed memory is kept for reuse rather than returned at once: a
 demo training step's peak RSS rose from 2.7 to 3.2 GB), never a computed value. Our commands call it
 at start; set ``MTP_PLUGINS_MALLOC=0`` to leave glibc's defaults. It does nothing where the C
@@ -43,8 +44,8 @@ ENV = "MTP_PLUGINS_MALLOC"
 GLIBC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 #: (mmap threshold, trim threshold) per workload. Decoding: large enough for growing KV-cache
 #: buffers. Training: above the vocabulary logits of a step as well (trim: the largest int mallopt
-#: takes). Decoding keeps its own: under the training values batch-1 prefill and HF generate measured
-#: 0.79x and 0.88x the speed on a 2-core EPYC (``benchmarks/results/malloc_effect.md``).
+#: takes). Decoding keeps its own, measured before: under the training values batch-1 decoding was
+#: slower in two of three runs on a 2-core EPYC (``benchmarks/results/malloc_effect.md``).
 THRESHOLDS = {"decode": (64 << 20, 256 << 20), "train": (1 << 30, (1 << 31) - 1)}
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
