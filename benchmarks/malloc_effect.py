@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mtp_plugins.allocator import THRESHOLDS
 
+
 def _glibc(workload: str) -> dict[str, str]:
     mmap, trim = THRESHOLDS[workload]
     return {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(trim)}
@@ -46,7 +47,7 @@ WARMUP_STEPS = 2
 
 
 def train_child(args: argparse.Namespace) -> None:
-    """The demo recipe's first steps: seconds per step, losses, trained-weight hash, peak RSS."""
+    """The demo recipe's first steps: seconds per step, a hash of every step's loss and gradient norm, peak RSS."""
     import resource
     import tempfile
 

@@ -96,10 +96,18 @@ def test_mtp_train_runs_under_the_training_thresholds_and_the_others_under_decod
     import train_cli.demo
     from mtp_plugins.lm_eval import sweep
 
+    import signal
+
+    # mtp-train's main installs its start-up SIGINT handler and unraisable hook: put them back after.
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    sigint = signal.getsignal(signal.SIGINT)
     calls = []
     monkeypatch.setattr(console, "run_app", lambda app, program, *args, **kwargs: calls.append((program, kwargs.get("workload", "decode"))))
-    for main in (train_cli.app.main, train_cli.demo.main, sweep.main):
-        main()
+    try:
+        for main in (train_cli.app.main, train_cli.demo.main, sweep.main):
+            main()
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert calls == [("mtp-train", "train"), ("mtp-demo", "decode"), ("mtp-sweep", "decode")]
 
 

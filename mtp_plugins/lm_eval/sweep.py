@@ -48,7 +48,7 @@ DEFAULT_STATIC = "2,3,4"
 DEFAULT_VERIFY_LOOKUP = "0,3"
 #: The timing.json layout (a saved timing of another layout is timed again): 2 adds Eff. k per batch;
 #: 3 interleaves the points batch by batch within a round; 4 records (and is keyed on) the allocator;
-#: 5 warms up with a short generation (timing.WARMUP_TOKENS new tokens).
+#: 5 warms up with a short generation (timing.WARMUP_TOKENS new tokens, also in the key).
 TIMING_VERSION = 5
 #: Files of a model directory whose content a saved point is keyed on (what from_pretrained reads).
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model", ".jinja")
@@ -303,7 +303,7 @@ class Sweep:
         reference = "hf" if any(p.name == "hf" for p in points) else "ar"
         key = {"version": TIMING_VERSION, "settings": self.settings(), "points": [[r["point"], r["weights"]] for r in records],
                "prompts": self.timing_prompts, "repeats": self.timing_repeats, "batch_sizes": batch_sizes,
-               "malloc": allocator.current().to_json()}
+               "warmup_tokens": timing.WARMUP_TOKENS, "malloc": allocator.current().to_json()}
         path = self.out / "timing.json"
         saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         if saved and saved.get("key") == key:
