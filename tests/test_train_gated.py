@@ -146,6 +146,42 @@ def test_context_shots_put_training_rows_before_every_document(tiny_run, tmp_pat
     assert layout.input_ids[0, len(context) : len(context) + 5].tolist() == doc[:5]
 
 
+def test_follow_example_puts_a_blank_line_and_a_training_row_after_every_document(tiny_run, tmp_path):
+    trainer = Trainer(settings(tiny_run, tmp_path / "out", context_shots=1, follow_example=True, **GATED))
+    trainer.setup()
+    after = trainer._follow(4, 0)
+    assert all(a.startswith("\n\n") for a in after) and len(after) == 4
+    followed = {r for a in after for r in _rows_in(trainer.tokenizer, trainer.tokenizer(a).input_ids)}
+    assert followed and not followed & set(trainer.eval_indices)  # never a held-out row
+    assert trainer._follow(4, 0) == after  # a function of the step: a resumed run draws the same
+    assert trainer._follow(4, 1) != after or trainer._follow(4, 2) != after  # each micro-batch its own
+    # Validation: fixed rows, the pool's after its context's.
+    assert [_rows_in(trainer.tokenizer, trainer.tokenizer(a).input_ids) for a in trainer._follow(2, None)] == \
+        [[trainer.example_pool[1]], [trainer.example_pool[2]]]
+    # The document and what follows it, tokenized together, in place of EOS.
+    eos = trainer.tokenizer.eos_token_id
+    text = trainer.documents.text(0) + after[0]
+    ids = trainer.documents.tokens([0], 1000, special_tokens=False, after=after[:1])[0]
+    assert ids == trainer.tokenizer(text, add_special_tokens=False).input_ids and eos not in ids
+    plain = trainer.documents.tokens([0], 1000, special_tokens=False)[0]
+    assert plain[-1] == eos and ids[: len(plain) - 1] == plain[:-1]
+    # The layout supervises targets past the document's end (the separator and the next row).
+    context = trainer._step_context()
+    layout = trainer._layout(trainer.documents, [0], 3, 0, context, after[:1])
+    bare = trainer._layout(trainer.documents, [0], 3, 0, context)
+    assert layout.supervised.sum() >= bare.supervised.sum()
+    assert (layout.input_ids[0, : len(context)] == torch.tensor(context)).all()
+
+
+def test_follow_example_trains_and_resumes_exactly(tiny_run, tmp_path):
+    extra = {**GATED, "follow_example": True}
+    Trainer(settings(tiny_run, tmp_path / "straight", **extra)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=2, **extra)).run()
+    Trainer(settings(tiny_run, tmp_path / "split", max_steps=4, **extra)).run(resume=True)
+    a, b = (load_file(str(tmp_path / d / ADAPTER_WEIGHTS)) for d in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 @pytest.mark.parametrize("trainable", ["gated-lora", "all"])
 def test_a_run_with_context_shots_resumes_to_the_same_weights(trainable, tiny_run, tmp_path):
     extra = {**GATED, "trainable": trainable, "lr": 1e-3 if trainable == "all" else GATED["lr"], "context_shots": 1}

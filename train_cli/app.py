@@ -157,6 +157,7 @@ def train(
     rollouts: Optional[int] = typer.Option(None, help=_help("Train on the frozen model's own greedy responses to this many training prompts (0: the data's responses).", "rollouts")),
     rollout_shots: Optional[int] = typer.Option(None, help=_help("Worked examples (the first training rows) put before each rollout prompt.", "rollout_shots")),
     context_shots: Optional[int] = typer.Option(None, help=_help("Worked examples (training rows, drawn afresh each step) put before every training document as context, never supervised: the slots learn in the context a few-shot evaluation gives them.", "context_shots")),
+    follow_example: Optional[bool] = typer.Option(None, "--follow-example/--no-follow-example", help=_help("Follow every training document, as a few-shot prompt does, by a blank line and another training row (instead of EOS): the slots learn how an answer ends and what comes after it (the separator an evaluation stops at), which they otherwise never see supervised.", "follow_example")),
     rollout_max_tokens: Optional[int] = typer.Option(None, help=_help("Longest rollout response, in tokens.", "rollout_max_tokens")),
     report_to: Optional[str] = typer.Option(None, help=_help("Opt-in hook plugins to run, comma-separated: wandb, tensorboard, or an installed plugin's.", "report_to")),
     list_plugins: bool = typer.Option(False, "--list-plugins", is_eager=True, expose_value=False, callback=_list_plugins,

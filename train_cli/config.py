@@ -72,6 +72,7 @@ class TrainConfig:
     rollout_shots: int = 0  # worked examples (the first training rows) before each rollout prompt
     rollout_max_tokens: int = 160  # longest rollout response
     context_shots: int = 0  # worked examples (training rows, drawn afresh each step) before every training document: context the mask slots learn in, never supervised, as a few-shot evaluation prompts them
+    follow_example: bool = False  # every training document is followed, as in a few-shot prompt, by a blank line and another training row (instead of EOS): the slots learn how an answer ends (the separator an evaluation stops at)
     report_to: str = ""  # opt-in hook plugins to run, comma-separated (wandb, tensorboard, or a plugin's)
 
     def __post_init__(self) -> None:

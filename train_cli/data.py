@@ -239,18 +239,22 @@ class Documents:
         texts = (self.text(i) for i in indices)
         return "".join(t + "\n\n" for t in texts if t is not None)
 
-    def tokens(self, indices: list[int], limit: int, special_tokens: bool = True) -> list[list[int]]:
+    def tokens(self, indices: list[int], limit: int, special_tokens: bool = True,
+               after: list[str] | None = None) -> list[list[int]]:
         """Token ids of the documents at ``indices`` (at most ``limit`` each); empty rows give [].
         ``special_tokens=False``: without the tokenizer's leading special tokens (a document that
-        follows a context, which has them)."""
+        follows a context, which has them). ``after``: per document, text that follows it (tokenized
+        with it) instead of EOS."""
         texts = [self.text(i) for i in indices]
+        if after is not None:
+            texts = [t if t is None else t + a for t, a in zip(texts, after, strict=True)]
         present = [t for t in texts if t is not None]
         encoded = iter(self.tokenizer(present, add_special_tokens=special_tokens).input_ids if present else [])
         eos = self.tokenizer.eos_token_id
         out = []
         for t in texts:
             ids = [] if t is None else list(next(encoded))
-            if ids and eos is not None and ids[-1] != eos:
+            if ids and after is None and eos is not None and ids[-1] != eos:
                 ids.append(eos)
             out.append(ids[:limit])
         return out

@@ -167,6 +167,8 @@ class Trainer:
         self.example_pool = [i for i in range(len(examples)) if i not in held_rows]
         if c.context_shots and len(self.example_pool) < c.context_shots:
             raise ConfigError(f"--context-shots {c.context_shots}: only {len(self.example_pool)} training rows to draw examples from")
+        if c.follow_example and not self.example_pool:
+            raise ConfigError("--follow-example: no training rows to follow the documents with")
         self.eval_context = self._context(self.example_pool[: c.context_shots])
 
     def _load_models(self, source: str | Path) -> None:
@@ -434,12 +436,29 @@ class Trainer:
         picked = torch.randperm(len(self.example_pool), generator=generator)[:n].tolist()
         return self._context([self.example_pool[i] for i in picked])
 
+    def _follow(self, count: int, draw: int | None) -> list[str] | None:
+        """``--follow-example``: the text after each of ``count`` documents, a blank line and a
+        training row (never a held-out one) as a few-shot prompt shows the next example; None
+        without it. ``draw``: drawn from a generator seeded by the seed, the step and ``draw``
+        (a resumed run draws alike); None: the pool's rows in order after validation's context."""
+        if not self.config.follow_example:
+            return None
+        pool = self.example_pool
+        if draw is None:
+            picked = [(self.config.context_shots + j) % len(pool) for j in range(count)]
+        else:
+            seed = (_stream(self.config.seed, 5) + 1009 * self.step + draw) % 2**63
+            picked = torch.randint(len(pool), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return ["\n\n" + (self.examples.text(pool[i]) or "") for i in picked]
+
     def _layout(self, documents: Documents, indices: list[int], k: int, offset: int,
-                context: list[int] | None = None) -> Layout:
-        """The step's layout of ``documents[indices]``, each after the ``context`` token ids."""
+                context: list[int] | None = None, after: list[str] | None = None) -> Layout:
+        """The step's layout of ``documents[indices]``, each after the ``context`` token ids (and
+        followed by ``after``, see ``Documents.tokens``)."""
         context = context or []
         geometry = LayoutGeometry(self.config.seq_len, self.config.regions, k, offset, context=len(context))
-        tokens = documents.tokens(indices, geometry.tokens_needed - len(context), special_tokens=not context)
+        tokens = documents.tokens(indices, geometry.tokens_needed - len(context), special_tokens=not context,
+                                  after=after)
         rows = [context + t if t else [] for t in tokens]
         return build_layout(rows, geometry, self.spec.mask_ids(k - 1), self.pad_id).to(self.device)
 
@@ -453,8 +472,11 @@ class Trainer:
         rank, world = self.dist.rank, self.dist.world_size
         # One global micro-batch per step of the shared data order; each rank takes its share.
         context = self._step_context()
-        layouts = [self._layout(self.documents, self.sampler.take(c.micro_batch_size * world)[rank::world], k, offset,
-                                context) for _ in range(c.grad_accum)]
+        layouts = []
+        for micro in range(c.grad_accum):
+            after = self._follow(c.micro_batch_size * world, micro)
+            layouts.append(self._layout(self.documents, self.sampler.take(c.micro_batch_size * world)[rank::world], k,
+                                        offset, context, None if after is None else after[rank::world]))
         counts = [int(layout.supervised.sum()) * k for layout in layouts]  # supervised positions
         everywhere = distributed.total(sum(counts), self.dist)
         total, tokens = 0.0, 0
@@ -524,8 +546,8 @@ class Trainer:
         self.student.eval()
         losses, agree, counted, emitted, regions = [], torch.zeros(k), 0, 0, 0
         for i in range(0, len(self.eval_indices), c.micro_batch_size):
-            layout = self._layout(self.eval_documents, self.eval_indices[i : i + c.micro_batch_size], k, 0,
-                                  self.eval_context)
+            indices = self.eval_indices[i : i + c.micro_batch_size]
+            layout = self._layout(self.eval_documents, indices, k, 0, self.eval_context, self._follow(len(indices), None))
             result = self.forward(layout, train=False)
             mask = result.supervised  # [B, R]
             if not mask.any():
