@@ -206,6 +206,10 @@ def _check_fields(config: TrainConfig, columns: list[str]) -> None:
             raise ConfigError(f"{flag} {name!r}: no such field in {config.data}; its fields are {', '.join(columns)}")
 
 
+#: What a few-shot prompt puts between worked examples (and after the last, before the question).
+SHOT_SEPARATOR = "\n\n"
+
+
 class Documents:
     """Templated, tokenized documents (each ends with EOS)."""
 
@@ -237,7 +241,7 @@ class Documents:
         """The documents at ``indices`` as a few-shot prompt shows worked examples: each text followed
         by a blank line (empty rows left out); "" for none."""
         texts = (self.text(i) for i in indices)
-        return "".join(t + "\n\n" for t in texts if t is not None)
+        return "".join(t + SHOT_SEPARATOR for t in texts if t is not None)
 
     def tokens(self, indices: list[int], limit: int, special_tokens: bool = True,
                after: list[str] | None = None) -> list[list[int]]:

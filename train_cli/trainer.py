@@ -46,7 +46,7 @@ from mtp_plugins.modeling import attention_for, logits_at
 from mtp_plugins.registry import load_loss
 from train_cli import checkpoints, distributed
 from train_cli.config import ConfigError, TrainConfig, check_resumed
-from train_cli.data import DataPosition, Documents, Sampler, held_out_indices, load_rows
+from train_cli.data import SHOT_SEPARATOR, DataPosition, Documents, Sampler, held_out_indices, load_rows
 from train_cli.gated import gated_logits
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -447,9 +447,10 @@ class Trainer:
         if draw is None:
             picked = [(self.config.context_shots + j) % len(pool) for j in range(count)]
         else:
+            # One seed per (step, micro-batch) while grad_accum stays below 1009.
             seed = (_stream(self.config.seed, 5) + 1009 * self.step + draw) % 2**63
             picked = torch.randint(len(pool), (count,), generator=torch.Generator().manual_seed(seed)).tolist()
-        return ["\n\n" + (self.examples.text(pool[i]) or "") for i in picked]
+        return [SHOT_SEPARATOR + (self.examples.text(pool[i]) or "") for i in picked]
 
     def _layout(self, documents: Documents, indices: list[int], k: int, offset: int,
                 context: list[int] | None = None, after: list[str] | None = None) -> Layout:
